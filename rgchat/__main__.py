@@ -1,0 +1,3 @@
+from rgchat.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""Reading RecurrentGemma checkpoints: a Hugging Face folder (safetensors) or the official PyTorch `.pt`.
+
+Both are read tensor by tensor and converted to the target dtype as they arrive, so loading never needs
+much more memory than the finished model. Names are mapped to transformers' names (without `model.`).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from rgchat import config as config_lib
+from rgchat.config import GriffinConfig
+from rgchat.errors import RGChatError
+from rgchat.model import Griffin
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def _official_to_hf(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Map one tensor of the official state dict to the transformers name(s) and layout."""
+    if name == "embedder.input_embedding":
+        yield "embed_tokens.weight", tensor
+        return
+    if name == "final_norm.scale":
+        yield "final_norm.weight", tensor
+        return
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if not m:
+        raise RGChatError(f"unexpected tensor {name!r} in the official checkpoint")
+    layer, rest = f"layers.{m.group(1)}", m.group(2)
+    if rest == "mlp_block.ffw_up.w":  # [2, D, M]: gate and up, stored input-major
+        yield f"{layer}.mlp_block.gate_proj.weight", tensor[0].T
+        yield f"{layer}.mlp_block.up_proj.weight", tensor[1].T
+    elif rest == "mlp_block.ffw_up.b":  # [2, 1, 1, M]
+        yield f"{layer}.mlp_block.gate_proj.bias", tensor[0].reshape(-1)
+        yield f"{layer}.mlp_block.up_proj.bias", tensor[1].reshape(-1)
+    elif rest == "recurrent_block.conv_1d.w":  # [width, L] -> [L, 1, width]
+        yield f"{layer}.temporal_block.conv_1d.weight", tensor.T[:, None, :]
+    else:
+        renames = [
+            (r"(temporal_pre_norm|channel_pre_norm)\.scale", r"\1.weight"),
+            (r"mlp_block\.ffw_down\.", "mlp_block.down_proj."),
+            (r"recurrent_block\.conv_1d\.b", "temporal_block.conv_1d.bias"),
+            (r"recurrent_block\.rg_lru\.a_param", "temporal_block.rg_lru.recurrent_param"),
+            (r"recurrent_block\.rg_lru\.input_gate\.(w|b)", r"temporal_block.rg_lru.input_gate_\1"),
+            (r"recurrent_block\.rg_lru\.a_gate\.(w|b)", r"temporal_block.rg_lru.recurrent_gate_\1"),
+            (r"recurrent_block\.", "temporal_block."),
+            (r"attention_block\.proj_final\.", "temporal_block.o_proj."),
+            (r"attention_block\.proj_([qkv])\.", r"temporal_block.\1_proj."),
+        ]
+        for pattern, replacement in renames:
+            new, n = re.subn(f"^{pattern}", replacement, rest)
+            if n:
+                new = re.sub(r"_gate_w$", "_gate_weight", re.sub(r"_gate_b$", "_gate_bias", new))
+                yield f"{layer}.{new}", tensor
+                return
+        raise RGChatError(f"unexpected tensor {name!r} in the official checkpoint")
+
+
+def _hf_name(name: str) -> str | None:
+    """transformers name -> ours; None for tensors we do not need (the lm_head copy of the embedding)."""
+    if name.startswith("lm_head."):
+        return None
+    return name.removeprefix("model.")
+
+
+def _read_pt(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise RGChatError(f"{path}: refused to load a .pt holding more than tensors ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise RGChatError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise RGChatError(f"{path}: expected a flat state dict of tensors")
+    return data
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise RGChatError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise RGChatError(f"{folder}: no .safetensors weights found")
+    for f in files:
+        if not f.exists():
+            raise RGChatError(f"{f}: missing (listed in the safetensors index)")
+    return files
+
+
+class Checkpoint:
+    """A checkpoint on disk: its config, its tensors (as a stream), and its tokenizer path."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise RGChatError(f"{path}: no such file or directory")
+        self.path = path
+        if path.is_file() and path.suffix == ".pt":
+            self.kind, folder = "official", path.parent
+            self._pt_file: Path | None = path
+        elif path.is_dir() and (path / "config.json").exists():
+            self.kind, folder = "hf", path
+            self._pt_file = None
+        elif path.is_dir() and len(pts := sorted(path.glob("*.pt"))) == 1:
+            self.kind, folder = "official", path
+            self._pt_file = pts[0]
+        else:
+            raise RGChatError(f"{path}: not a RecurrentGemma checkpoint (want a folder with config.json and "
+                              "safetensors, or an official .pt file)")
+        self.tokenizer_path = folder / TOKENIZER_FILE
+        self.config = self._read_config()
+
+    def _read_config(self) -> GriffinConfig:
+        if self.kind == "hf":
+            try:
+                data = json.loads((self.path / "config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RGChatError(f"{self.path / 'config.json'}: not valid JSON ({e})") from None
+            return config_lib.from_hf_config(data)
+        shapes = {name: tuple(t.shape) for name, t in self.tensors()}
+        return config_lib.from_hf_shapes(shapes)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) in our naming, one at a time."""
+        if self._pt_file is not None:
+            for name, tensor in _read_pt(self._pt_file).items():
+                yield from _official_to_hf(name, tensor)
+            return
+        for file in _safetensors_files(self.path):
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        if (name := _hf_name(key)) is not None:
+                            yield name, f.get_tensor(key)
+            except (SafetensorError, OSError) as e:
+                raise RGChatError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Griffin, Checkpoint]:
+    """Build the network from a checkpoint: weights converted to `dtype` tensor by tensor, on `device`."""
+    ckpt = Checkpoint(path)
+    with torch.device("meta"):
+        model = Griffin(ckpt.config, dtype)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    weights: dict[str, torch.Tensor] = {}
+    for name, tensor in ckpt.tensors():
+        if name not in expected:
+            raise RGChatError(f"{ckpt.path}: unexpected tensor {name!r} for this configuration")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise RGChatError(f"{ckpt.path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                              f"expected {tuple(expected[name])}")
+        weights[name] = tensor.to(device=device, dtype=dtype).contiguous()
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise RGChatError(f"{ckpt.path}: missing {len(missing)} tensors, e.g. {missing[0]}")
+    model.load_state_dict(weights, assign=True, strict=True)
+    return model.eval(), ckpt

@@ -1,0 +1,135 @@
+"""The command line: parses flags, calls the library, and turns user errors into one line and exit 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rgchat import device as device_lib
+from rgchat.config import PRESETS
+from rgchat.errors import RGChatError
+from rgchat.quant import DTYPES
+
+app = typer.Typer(
+    help="Chat with RecurrentGemma models on your own machine, in constant memory.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+def user_errors(command: Callable) -> Callable:
+    """Turn the errors users can cause into one line on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RGChatError as e:
+            print(f"rgchat: error: {e}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            print("rgchat: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
+            sys.stderr.close()
+            raise typer.Exit(0) from None
+
+    return wrapper
+
+
+Precision = Enum("Precision", {name: name for name in DTYPES}, type=str)
+Device = Enum("Device", {name: name for name in device_lib.CHOICES}, type=str)
+Shape = Enum("Shape", {name: name for name in PRESETS}, type=str)
+PrecisionOpt = Annotated[Precision, typer.Option(help="Weight precision.")]
+DeviceOpt = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.")]
+
+
+@app.command()
+@user_errors
+def run(
+    model: Annotated[str, typer.Argument(help="Path to a Hugging Face folder or an official .pt checkpoint.")],
+    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue (raw) or to ask (chat).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Continue the text as is, no chat template.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in Gemma's chat template.")] = False,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
+    precision: PrecisionOpt = Precision.bf16,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Generate a continuation (or one chat answer) and stream it to stdout."""
+    from rgchat.checkpoint import load_model
+    from rgchat.generate import generate
+    from rgchat.quant import dtype_of
+    from rgchat.sampling import Sampler
+    from rgchat.tokenizer import StreamingDetokenizer, Tokenizer
+
+    if raw and chat:
+        raise typer.BadParameter("--raw and --chat exclude each other")
+    use_chat = chat or (not raw and Path(model).name.removesuffix(".pt").endswith("-it"))
+    engine, ckpt = load_model(model, dtype_of(precision.value), str(device_lib.resolve(device.value)))
+    tokenizer = Tokenizer(ckpt.tokenizer_path)
+    if tokenizer.vocab_size > engine.config.vocab_size:
+        raise RGChatError(f"{ckpt.tokenizer_path}: tokenizer has {tokenizer.vocab_size} pieces but the model "
+                          f"only {engine.config.vocab_size}: wrong tokenizer for this model")
+    if prompt is None and not sys.stdin.isatty():  # `echo question | rgchat run MODEL`
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    prompt = prompt or ""
+    ids = [tokenizer.bos_id] + (tokenizer.chat_prompt(prompt) if use_chat else tokenizer.encode(prompt))
+    stop_ids = {tokenizer.eos_id} | ({tokenizer.end_of_turn_id} if use_chat else set())
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    detok = StreamingDetokenizer(tokenizer)
+    for token in generate(engine, engine.new_state(), ids, max_tokens, sampler, stop_ids):
+        if token in stop_ids:
+            break
+        sys.stdout.write(detok.add(token))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+@user_errors
+def bench(
+    shape: Annotated[Shape, typer.Option(help="Model shape.")] = Shape["2b"],
+    precision: PrecisionOpt = Precision.bf16,
+    device: DeviceOpt = Device.cpu,
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length for the prefill timing.")] = 256,
+    gen_tokens: Annotated[int, typer.Option(min=0, help="Tokens to decode for the decode timing.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed for the random weights and prompt.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")] = False,
+) -> None:
+    """Measure prefill and decode speed on random weights of a real shape (no download needed)."""
+    from rgchat.bench import run_bench
+
+    result = run_bench(shape.value, precision.value, device_lib.resolve(device.value), prompt_tokens, gen_tokens,
+                       seed)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"rgchat bench: {shape.value} {precision.value} on {result['device']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, (int, float)) else str(value))
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Picking the compute device and measuring memory on it."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from rgchat.errors import RGChatError
+
+CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve(name: str) -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; an explicit device must be present."""
+    if name not in CHOICES:
+        raise RGChatError(f"unknown device {name!r}; choose one of {', '.join(CHOICES)}")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise RGChatError(f"device {name!r} is not available here")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -1,0 +1,287 @@
+"""The Griffin network (RecurrentGemma): residual blocks of RG-LRU recurrence or local attention, plus MLPs.
+
+The model owns weights only. All per-conversation memory lives in a `State` that every call reads and
+updates in place, so `prefill` can continue any conversation and `step` decodes one token.
+Parameter names match Hugging Face transformers' (without the `model.` prefix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rgchat.config import RECURRENT, GriffinConfig
+from rgchat.quant import Embedding, Linear
+from rgchat.scan import rglru_scan
+from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
+
+PREFILL_CHUNK = 512  # tokens per prefill chunk: bounds activations and attention scores for any prompt
+
+
+def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + scale), computed in the activation dtype as the official implementation does."""
+
+    def __init__(self, width: int, eps: float, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(width, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.square().mean(-1, keepdim=True)
+        return x * torch.rsqrt(var + self.eps) * (self.weight + 1)
+
+
+@dataclasses.dataclass
+class Chunk:
+    """What every layer needs to know about the tokens being processed, computed once per forward."""
+
+    start: int  # position of the first token
+    length: int
+    cos: torch.Tensor  # [T, head_dim/4] RoPE tables
+    sin: torch.Tensor
+    mask: torch.Tensor  # [T, cached + T] bool: which keys each query may see
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GriffinConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.gate_proj = Linear(cfg.width, cfg.mlp_width, True, dtype, device)
+        self.up_proj = Linear(cfg.width, cfg.mlp_width, True, dtype, device)
+        self.down_proj = Linear(cfg.mlp_width, cfg.width, True, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RGLRU(nn.Module):
+    """Real-gated linear recurrent unit with block-diagonal gates (c = 8)."""
+
+    def __init__(self, cfg: GriffinConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        heads, block = cfg.num_heads, cfg.lru_width // cfg.num_heads
+        self.recurrent_param = _param(cfg.lru_width, dtype=dtype, device=device)
+        self.input_gate_weight = _param(heads, block, block, dtype=dtype, device=device)
+        self.input_gate_bias = _param(heads, block, dtype=dtype, device=device)
+        self.recurrent_gate_weight = _param(heads, block, block, dtype=dtype, device=device)
+        self.recurrent_gate_bias = _param(heads, block, dtype=dtype, device=device)
+
+    def _gate(self, xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # xb [heads, T, block] @ weight [heads, block, block] -> [T, L]
+        out = torch.baddbmm(bias[:, None, :], xb, weight)
+        return torch.sigmoid(out.transpose(0, 1).reshape(xb.shape[1], -1))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, at_start: bool) -> torch.Tensor:
+        T, L = x.shape
+        xb = x.view(T, self.input_gate_weight.shape[0], -1).transpose(0, 1)
+        gate_x = self._gate(xb, self.input_gate_weight, self.input_gate_bias)
+        gate_a = self._gate(xb, self.recurrent_gate_weight, self.recurrent_gate_bias)
+        log_a = -8.0 * gate_a * F.softplus(self.recurrent_param)
+        a = torch.exp(log_a)
+        multiplier = torch.sqrt(1 - torch.exp(2 * log_a))
+        if at_start:  # a document starts here: no history, no normalisation of the first input
+            multiplier[0] = 1
+            h.zero_()
+        normalized = x * gate_x * multiplier.to(x.dtype)
+        return rglru_scan(normalized, a, h)
+
+
+class RecurrentBlock(nn.Module):
+    def __init__(self, cfg: GriffinConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.linear_y = Linear(cfg.width, cfg.lru_width, True, dtype, device)
+        self.linear_x = Linear(cfg.width, cfg.lru_width, True, dtype, device)
+        self.linear_out = Linear(cfg.lru_width, cfg.width, True, dtype, device)
+        self.conv_1d = nn.Module()
+        self.conv_1d.weight = _param(cfg.lru_width, 1, cfg.conv_width, dtype=dtype, device=device)
+        self.conv_1d.bias = _param(cfg.lru_width, dtype=dtype, device=device)
+        self.rg_lru = RGLRU(cfg, dtype, device)
+
+    def forward(self, x: torch.Tensor, state: RecurrentLayerState, chunk: Chunk) -> torch.Tensor:
+        y = gelu(self.linear_y(x))
+        u = self.linear_x(x)
+        # Causal depthwise conv over [previous inputs, this chunk]: out_t = b + sum_k w[k] * u_{t-(width-1)+k}.
+        window = torch.cat([state.conv, u])
+        w = self.conv_1d.weight[:, 0, :]
+        T, width = u.shape[0], w.shape[1]
+        conv = self.conv_1d.bias + sum(window[k:k + T] * w[:, k] for k in range(width))
+        state.conv.copy_(window[T:])
+        u = self.rg_lru(conv, state.h, at_start=chunk.start == 0)
+        return self.linear_out(u * y)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first half of each head (rotate-half convention); x [T, heads, head_dim]."""
+    quarter = cos.shape[-1]
+    x1, x2, rest = x[..., :quarter], x[..., quarter:2 * quarter], x[..., 2 * quarter:]
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+class AttentionBlock(nn.Module):
+    """Local multi-query attention over a ring buffer of the last `window` keys and values."""
+
+    def __init__(self, cfg: GriffinConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kv_width = cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = Linear(cfg.width, cfg.width, False, dtype, device)
+        self.k_proj = Linear(cfg.width, kv_width, False, dtype, device)
+        self.v_proj = Linear(cfg.width, kv_width, False, dtype, device)
+        self.o_proj = Linear(cfg.width, cfg.width, True, dtype, device)
+
+    def forward(self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk) -> torch.Tensor:
+        T = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(T, self.heads, self.head_dim), chunk.cos, chunk.sin)
+        k = apply_rope(self.k_proj(x).view(T, self.kv_heads, self.head_dim), chunk.cos, chunk.sin)
+        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+
+        window = state.k.shape[0]
+        cached = min(chunk.start, window)  # filled ring slots (all of them once the window is full)
+        keys = torch.cat([state.k[:cached], k])  # [S, kv_heads, head_dim]
+        values = torch.cat([state.v[:cached], v])
+
+        group = self.heads // self.kv_heads
+        qg = q.view(T, self.kv_heads, group, self.head_dim).permute(1, 2, 0, 3)  # [kv, group, T, hd]
+        scores = torch.einsum("kgtd,skd->kgts", qg, keys) * self.head_dim ** -0.5
+        scores = scores.masked_fill(~chunk.mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
+        out = torch.einsum("kgts,skd->tkgd", probs, values).reshape(T, -1)
+
+        # Remember the newest keys and values; only the last `window` of a long chunk can matter later.
+        keep = min(T, window)
+        slots = torch.arange(chunk.start + T - keep, chunk.start + T, device=x.device) % window
+        state.k.index_copy_(0, slots, k[T - keep:])
+        state.v.index_copy_(0, slots, v[T - keep:])
+        return self.o_proj(out)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cfg: GriffinConfig, kind: str, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.temporal_pre_norm = RMSNorm(cfg.width, cfg.rms_eps, dtype, device)
+        block = RecurrentBlock if kind == RECURRENT else AttentionBlock
+        self.temporal_block = block(cfg, dtype, device)
+        self.channel_pre_norm = RMSNorm(cfg.width, cfg.rms_eps, dtype, device)
+        self.mlp_block = MLP(cfg, dtype, device)
+
+    def forward(self, x: torch.Tensor, state: LayerState, chunk: Chunk) -> torch.Tensor:
+        r = x + self.temporal_block(self.temporal_pre_norm(x), state, chunk)
+        return r + self.mlp_block(self.channel_pre_norm(r))
+
+
+class Griffin(nn.Module):
+    def __init__(self, config: GriffinConfig, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.width, dtype, device)
+        self.layers = nn.ModuleList(ResidualBlock(config, kind, dtype, device) for kind in config.block_types)
+        self.final_norm = RMSNorm(config.width, config.rms_eps, dtype, device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_norm.weight.device
+
+    def new_state(self) -> State:
+        return State.empty(self.config, self.dtype, self.device)
+
+    def _chunk(self, start: int, length: int) -> Chunk:
+        device, window = self.device, self.config.window
+        q_pos = torch.arange(start, start + length, device=device)
+        # RoPE rotates the first half of each head as two quarters: frequencies base^(-2i / half).
+        half = self.config.head_dim // 2
+        inv_freq = self.config.rope_base ** (-torch.arange(0, half, 2, device=device, dtype=torch.float32) / half)
+        angles = q_pos[:, None].float() * inv_freq
+        cached = min(start, window)
+        # Ring slot s holds the latest position p < start with p % window == s.
+        slot_pos = start - 1 - (start - 1 - torch.arange(cached, device=device)) % window
+        k_pos = torch.cat([slot_pos, q_pos])
+        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= q_pos[:, None] - window)
+        return Chunk(start, length, angles.cos(), angles.sin(), mask)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = False) -> torch.Tensor:
+        """Run tokens [T] through the network from `state` (updated in place).
+
+        Returns float32 logits for the last token [vocab], or for every token [T, vocab] if all_logits.
+        """
+        chunk = self._chunk(state.pos, tokens.shape[0])
+        x = self.embed_tokens.lookup(tokens.to(self.device))
+        x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        for layer, layer_state in zip(self.layers, state.layers, strict=True):
+            x = layer(x, layer_state, chunk)
+        state.pos += tokens.shape[0]
+        if not all_logits:
+            x = x[-1]
+        logits = self.embed_tokens.logits(self.final_norm(x)).float()
+        cap = self.config.logit_cap
+        return torch.tanh(logits / cap) * cap
+
+    def prefill(self, tokens: torch.Tensor, state: State, chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
+        """Feed a prompt of any length in chunks, continuing from `state`; returns the last token's logits."""
+        if tokens.numel() == 0:
+            raise ValueError("prefill needs at least one token")
+        for i in range(0, tokens.shape[0], chunk_size):
+            logits = self.forward(tokens[i:i + chunk_size], state)
+        return logits
+
+    def step(self, token: int | torch.Tensor, state: State) -> torch.Tensor:
+        """Decode one token; returns its logits [vocab]."""
+        return self.forward(torch.as_tensor(token).reshape(1), state)
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def init_random_(model: Griffin, seed: int = 0) -> Griffin:
+    """Fill a model with random weights of realistic scale (tests, bench).
+
+    The residual stream starts as a scaled copy of the token's embedding, and the logits are that
+    embedding matrix again, so with timid block outputs a random model just repeats its last token.
+    Output projections are therefore 4x the usual scale, and the final norm is boosted so the logits
+    have clear margins: greedy output then varies with the input.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        shape = p.shape
+        if name.endswith("recurrent_param"):
+            # softplus(param) such that a = exp(-8 * gate * softplus) spans roughly 0.3 .. 0.999
+            value = torch.empty(shape).uniform_(-7.0, -1.0, generator=gen)
+        elif name == "final_norm.weight":
+            value = 3.0 + torch.randn(shape, generator=gen) * 0.2
+        elif "norm" in name:
+            value = torch.randn(shape, generator=gen) * 0.2
+        elif leaf == "bias":
+            value = torch.randn(shape, generator=gen) * 0.1
+        elif name.endswith("conv_1d.weight"):
+            value = torch.randn(shape, generator=gen) * 0.5
+        else:  # [out, in] matrices, the [heads, in, out] gate blocks and the embedding
+            gain = 4.0 if name.endswith(("o_proj.weight", "linear_out.weight", "down_proj.weight")) else 1.0
+            fan_in = shape[-2] if name.endswith("gate_weight") else shape[-1]
+            value = torch.randn(shape, generator=gen) * (gain / math.sqrt(fan_in))
+        with torch.no_grad():
+            if p.is_meta:
+                setattr(_owner(model, name), leaf, nn.Parameter(value.to(p.dtype), requires_grad=False))
+            else:
+                p.copy_(value)
+    return model
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0])

@@ -1,0 +1,78 @@
+"""State: the whole conversation as a fixed-size set of tensors (the recurrent snapshot)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from rgchat.config import RECURRENT, GriffinConfig
+
+
+@dataclasses.dataclass
+class RecurrentLayerState:
+    h: torch.Tensor  # [L] float32: the RG-LRU carry
+    conv: torch.Tensor  # [conv_width - 1, L]: the last inputs of the causal conv
+
+
+@dataclasses.dataclass
+class AttentionLayerState:
+    k: torch.Tensor  # [window, kv_heads, head_dim]: ring buffer of keys (RoPE applied), slot = position % window
+    v: torch.Tensor  # [window, kv_heads, head_dim]
+
+
+LayerState = RecurrentLayerState | AttentionLayerState
+
+
+def _fields(layer: LayerState) -> list[torch.Tensor]:
+    # not dataclasses.astuple: it deep-copies, and in-place updates must reach the real buffers
+    return [getattr(layer, f.name) for f in dataclasses.fields(layer)]
+
+
+def _map(layer: LayerState, fn) -> LayerState:
+    return type(layer)(*(fn(t) for t in _fields(layer)))
+
+
+@dataclasses.dataclass
+class State:
+    """Per-layer tensors plus `pos`, the number of tokens seen. Its size never depends on `pos`."""
+
+    layers: list[LayerState]
+    pos: int = 0
+
+    @classmethod
+    def empty(cls, config: GriffinConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> State:
+        layers: list[LayerState] = []
+        for kind in config.block_types:
+            if kind == RECURRENT:
+                layers.append(RecurrentLayerState(
+                    h=torch.zeros(config.lru_width, dtype=torch.float32, device=device),
+                    conv=torch.zeros(config.conv_width - 1, config.lru_width, dtype=dtype, device=device),
+                ))
+            else:
+                shape = (config.window, config.num_kv_heads, config.head_dim)
+                layers.append(AttentionLayerState(
+                    k=torch.zeros(shape, dtype=dtype, device=device),
+                    v=torch.zeros(shape, dtype=dtype, device=device),
+                ))
+        return cls(layers)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers for t in _fields(layer)]
+
+    def clone(self) -> State:
+        """An independent copy (for undo, regenerate, or branching a conversation)."""
+        return State([_map(layer, torch.clone) for layer in self.layers], self.pos)
+
+    def copy_(self, other: State) -> None:
+        """Overwrite this state in place with `other` (same shapes), keeping its buffers."""
+        for dst, src in zip(self.tensors(), other.tensors(), strict=True):
+            dst.copy_(src)
+        self.pos = other.pos
+
+    def to(self, device: torch.device | str) -> State:
+        return State([_map(layer, lambda t: t.to(device)) for layer in self.layers], self.pos)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())

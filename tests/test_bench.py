@@ -1,0 +1,40 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import CYCLES
+from rgchat import config as config_lib
+from rgchat.bench import measure_bandwidth, run_bench
+from rgchat.cli import app
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    """Register the tiny config as a preset so the real bench code runs in seconds."""
+    monkeypatch.setitem(config_lib.PRESETS, "2b", CYCLES)
+
+
+def test_bench_reports_consistent_figures(tiny_preset):
+    result = run_bench("2b", "f32", torch.device("cpu"), prompt_tokens=40, gen_tokens=5)
+    assert result["prompt_tokens"] == 40 and result["gen_tokens"] == 5
+    assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
+    assert result["weight_bytes_per_token"] > 4 * CYCLES.vocab_size * CYCLES.width
+    limit = result["bandwidth_gb_s"] * 1e9 / result["weight_bytes_per_token"]
+    assert result["limit_tok_s"] == pytest.approx(limit, rel=1e-2)
+    assert result["fraction_of_limit"] == pytest.approx(result["decode_tok_s"] / result["limit_tok_s"], rel=1e-2)
+    assert result["peak_rss_bytes"] > 0
+
+
+def test_bench_json_is_one_line_on_stdout(tiny_preset):
+    out = CliRunner().invoke(app, ["bench", "--shape", "2b", "--prompt-tokens", "8", "--gen-tokens", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    data = json.loads(lines[0])
+    assert data["precision"] == "bf16" and data["device"] == "cpu"
+
+
+def test_bandwidth_is_plausible():
+    assert 0.1 < measure_bandwidth(torch.device("cpu"), nbytes=64 << 20, repeats=2) < 10_000

@@ -1,0 +1,112 @@
+"""The command line, run as users run it: a separate process, stdout for the answer, stderr for errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CYCLES, tiny_model, write_hf_folder, write_official
+from rgchat.generate import generate
+from rgchat.tokenizer import Tokenizer
+
+
+def rgchat(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "rgchat", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tokenizer_path):
+    return write_hf_folder(tiny_model(CYCLES, seed=31), tmp_path_factory.mktemp("m") / "tiny", tokenizer_path)
+
+
+def expected_text(folder, ids, n, stop_ids):
+    model = tiny_model(CYCLES, seed=31)
+    tok = Tokenizer(folder / "tokenizer.model")
+    out = []
+    for t in generate(model, model.new_state(), ids, n, lambda l: int(torch.argmax(l)), stop_ids):
+        if t in stop_ids:
+            break
+        out.append(t)
+    return tok.decode(out)
+
+
+def test_run_raw_streams_the_greedy_continuation(hf_dir):
+    tok = Tokenizer(hf_dir / "tokenizer.model")
+    result = rgchat("run", str(hf_dir), "The quick brown", "--raw", "--max-tokens", "20", "--device", "cpu",
+                    "--precision", "f32")
+    assert result.returncode == 0, result.stderr
+    expected = expected_text(hf_dir, [tok.bos_id] + tok.encode("The quick brown"), 20, {tok.eos_id})
+    assert len(expected) > 5
+    assert result.stdout == expected + "\n"
+    assert "Traceback" not in result.stderr
+
+
+def test_run_chat_template_for_it_models(tmp_path, hf_dir, tokenizer_path):
+    it_dir = write_hf_folder(tiny_model(CYCLES, seed=31), tmp_path / "tiny-it", tokenizer_path)
+    tok = Tokenizer(tokenizer_path)
+    result = rgchat("run", str(it_dir), "Hello there", "--max-tokens", "15", "--precision", "f32")
+    assert result.returncode == 0, result.stderr
+    ids = [tok.bos_id] + tok.chat_prompt("Hello there")
+    assert result.stdout == expected_text(it_dir, ids, 15, {tok.eos_id, tok.end_of_turn_id}) + "\n"
+    # --raw overrides the -it default
+    raw = rgchat("run", str(it_dir), "Hello there", "--raw", "--max-tokens", "15", "--precision", "f32")
+    assert raw.stdout == expected_text(it_dir, [tok.bos_id] + tok.encode("Hello there"), 15, {tok.eos_id}) + "\n"
+
+
+def test_official_pt_runs_the_same(tmp_path, hf_dir, tokenizer_path):
+    pt = write_official(tiny_model(CYCLES, seed=31), tmp_path / "kaggle", tokenizer_path)
+    a = rgchat("run", str(pt), "fox", "--raw", "--max-tokens", "10")
+    b = rgchat("run", str(hf_dir), "fox", "--raw", "--max-tokens", "10")
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout
+
+
+def assert_clean_error(result, code=1):
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_bad_inputs_give_one_line_and_exit_1(tmp_path, hf_dir, tokenizer_path):
+    assert_clean_error(rgchat("run", str(tmp_path / "missing"), "x"))
+
+    truncated = write_hf_folder(tiny_model(CYCLES), tmp_path / "trunc", tokenizer_path)
+    shard = truncated / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert_clean_error(rgchat("run", str(truncated), "x"))
+
+    class_pt = tmp_path / "evil" / "model.pt"
+    class_pt.parent.mkdir()
+    class_pt.write_bytes(b"\x80\x04cos\nsystem\nX\x02\x00\x00\x00lsR.")  # a pickle that would run `ls`
+    assert_clean_error(rgchat("run", str(class_pt), "x"))
+
+    unknown = write_hf_folder(tiny_model(CYCLES), tmp_path / "unknown", tokenizer_path)
+    (unknown / "config.json").write_text('{"model_type": "mamba"}')
+    assert_clean_error(rgchat("run", str(unknown), "x"))
+
+    no_tok = write_hf_folder(tiny_model(CYCLES), tmp_path / "notok", tokenizer_path)
+    (no_tok / "tokenizer.model").unlink()
+    assert_clean_error(rgchat("run", str(no_tok), "x"))
+
+
+def test_bad_flags_are_usage_errors(hf_dir):
+    assert rgchat("run", str(hf_dir), "x", "--precision", "int3").returncode == 2
+    assert rgchat("run", str(hf_dir), "x", "--raw", "--chat").returncode == 2
+    assert rgchat("run", str(hf_dir), "x", "--max-tokens", "0").returncode == 2
+    assert rgchat("bench", "--shape", "7b").returncode == 2
+
+
+def test_prompt_from_stdin_with_invalid_utf8(hf_dir):
+    tok = Tokenizer(hf_dir / "tokenizer.model")
+    env = {**os.environ, "NO_COLOR": "1"}
+    result = subprocess.run([sys.executable, "-m", "rgchat", "run", str(hf_dir), "--raw", "--max-tokens", "8",
+                             "--precision", "f32"],
+                            input=b"The quick \xff brown", capture_output=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    ids = [tok.bos_id] + tok.encode("The quick \ufffd brown")
+    assert result.stdout.decode() == expected_text(hf_dir, ids, 8, {tok.eos_id}) + "\n"
