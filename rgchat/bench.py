@@ -77,3 +77,36 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
     if device.type == "cuda":
         result["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
+
+
+def time_scan(device: torch.device, precision: str, lengths: tuple[int, ...] = (1, 2048, 32768),
+              width: int = 2560, seed: int = 0) -> list[dict]:
+    """Time one RG-LRU call of each length at the 2B width: the native kernel against the PyTorch loop."""
+    from rgchat.scan import TORCH_BACKEND, backend_for
+
+    native = backend_for(device.type, "auto")
+    dtype = dtype_of(precision)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for T in lengths:
+        x, gate_x, gate_a = (torch.randn(T, width, generator=gen).to(device, dtype) for _ in range(3))
+        a_scale = (-8 * torch.nn.functional.softplus(torch.randn(width, generator=gen))).to(device)
+        timings = {}
+        for backend in (TORCH_BACKEND, native):
+            h = torch.zeros(width, device=device)
+            backend.fn(x, gate_x, gate_a, a_scale, h)  # warm-up (compiles the kernel on first use)
+            repeats = max(1, min(100, 20_000 // T))
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                backend.fn(x, gate_x, gate_a, a_scale, h)
+            synchronize(device)
+            timings[backend.name] = (time.perf_counter() - t0) / repeats
+        rows.append({
+            "device": str(device), "precision": precision, "tokens": T, "width": width,
+            "native": native.detail if native.name == "native" else "unavailable",
+            "torch_ms": round(timings["torch"] * 1e3, 3),
+            "native_ms": round(timings.get("native", float("nan")) * 1e3, 3),
+            "speedup": round(timings["torch"] / timings["native"], 1) if "native" in timings else None,
+        })
+    return rows

@@ -106,25 +106,41 @@ def bench(
     prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length for the prefill timing.")] = 256,
     gen_tokens: Annotated[int, typer.Option(min=0, help="Tokens to decode for the decode timing.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed for the random weights and prompt.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+    scan: Annotated[bool, typer.Option("--scan", help="Time the RG-LRU scan alone: native vs PyTorch, "
+                                                     "T = 1, 2048, 32768 at the 2B width.")] = False,
 ) -> None:
     """Measure prefill and decode speed on random weights of a real shape (no download needed)."""
-    from rgchat.bench import run_bench
+    from rgchat.bench import run_bench, time_scan
 
-    result = run_bench(shape.value, precision.value, device_lib.resolve(device.value), prompt_tokens, gen_tokens,
-                       seed)
+    dev = device_lib.resolve(device.value)
+    if scan:
+        results = time_scan(dev, precision.value, seed=seed)
+    else:
+        results = [run_bench(shape.value, precision.value, dev, prompt_tokens, gen_tokens, seed)]
     if as_json:
-        print(json.dumps(result))
+        for result in results:
+            print(json.dumps(result))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"rgchat bench: {shape.value} {precision.value} on {result['device']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, f"{value:,}" if isinstance(value, (int, float)) else str(value))
+    table = Table(title=f"rgchat bench{' --scan' if scan else ''}: {precision.value} on {dev}")
+    for key in results[0]:
+        table.add_column(key, justify="right")
+    for result in results:
+        table.add_row(*(f"{v:,}" if isinstance(v, (int, float)) else str(v) for v in result.values()))
     Console().print(table)
+
+
+@app.command()
+@user_errors
+def doctor() -> None:
+    """Print versions, devices, the active scan backend per device, and where models and caches live."""
+    from rgchat.doctor import report
+
+    for label, value in report():
+        print(f"{label}: {value}")
 
 
 def main() -> None:

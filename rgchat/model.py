@@ -16,7 +16,7 @@ from torch import nn
 
 from rgchat.config import RECURRENT, GriffinConfig
 from rgchat.quant import Embedding, Linear
-from rgchat.scan import rglru_scan
+from rgchat.scan import rglru
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
 
 PREFILL_CHUNK = 512  # tokens per prefill chunk: bounds activations and attention scores for any prompt
@@ -78,23 +78,21 @@ class RGLRU(nn.Module):
         self.recurrent_gate_bias = _param(heads, block, dtype=dtype, device=device)
 
     def _gate(self, xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # xb [heads, T, block] @ weight [heads, block, block] -> [T, L]
+        # xb [heads, T, block] @ weight [heads, block, block] -> [T, L], before the sigmoid
         out = torch.baddbmm(bias[:, None, :], xb, weight)
-        return torch.sigmoid(out.transpose(0, 1).reshape(xb.shape[1], -1))
+        return out.transpose(0, 1).reshape(xb.shape[1], -1)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, at_start: bool) -> torch.Tensor:
-        T, L = x.shape
+        T = x.shape[0]
         xb = x.view(T, self.input_gate_weight.shape[0], -1).transpose(0, 1)
         gate_x = self._gate(xb, self.input_gate_weight, self.input_gate_bias)
         gate_a = self._gate(xb, self.recurrent_gate_weight, self.recurrent_gate_bias)
-        log_a = -8.0 * gate_a * F.softplus(self.recurrent_param)
-        a = torch.exp(log_a)
-        multiplier = torch.sqrt(1 - torch.exp(2 * log_a))
-        if at_start:  # a document starts here: no history, no normalisation of the first input
-            multiplier[0] = 1
-            h.zero_()
-        normalized = x * gate_x * multiplier.to(x.dtype)
-        return rglru_scan(normalized, a, h)
+        a_scale = -8.0 * F.softplus(self.recurrent_param.float())
+        reset = None
+        if at_start:  # a document starts at the first token of this chunk
+            reset = torch.zeros(T, dtype=torch.bool, device=x.device)
+            reset[0] = True
+        return rglru(x, gate_x, gate_a, a_scale, h, reset)
 
 
 class RecurrentBlock(nn.Module):

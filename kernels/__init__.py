@@ -1,0 +1,1 @@
+"""Native RG-LRU kernels: C (CPU, built at install), Triton (CUDA), Metal (MPS)."""

@@ -1,0 +1,49 @@
+"""`rgchat doctor`: the facts a bug report needs, as (label, value) lines."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import torch
+
+import rgchat
+from rgchat import scan
+from rgchat.errors import RGChatError
+
+
+def devices() -> list[str]:
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def report() -> list[tuple[str, str]]:
+    from huggingface_hub import constants as hub
+
+    from rgchat.store import store_dir
+
+    lines = [
+        ("rgchat", rgchat.__version__),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("torch", f"{torch.__version__}, {torch.get_num_threads()} threads"),
+        ("platform", platform.platform()),
+    ]
+    if torch.cuda.is_available():
+        lines.append(("cuda", f"{torch.version.cuda}, {torch.cuda.get_device_name(0)}"))
+    choice = os.environ.get(scan.ENV_VAR, "auto")
+    for device in devices():
+        try:
+            backend = scan.backend_for(device, choice)
+            lines.append((f"scan ({device})", f"{backend.name} ({backend.detail})"))
+        except RGChatError as e:
+            lines.append((f"scan ({device})", f"error: {e}"))
+    lines += [
+        ("model store", str(store_dir())),
+        ("hugging face cache", str(hub.HF_HUB_CACHE)),
+    ]
+    return lines
