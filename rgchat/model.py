@@ -48,7 +48,6 @@ class Chunk:
     """What every layer needs to know about the tokens being processed, computed once per forward."""
 
     start: int  # position of the first token
-    length: int
     cos: torch.Tensor  # [T, head_dim/4] RoPE tables
     sin: torch.Tensor
     mask: torch.Tensor  # [T, cached + T] bool: which keys each query may see
@@ -210,7 +209,7 @@ class Griffin(nn.Module):
         slot_pos = start - 1 - (start - 1 - torch.arange(cached, device=device)) % window
         k_pos = torch.cat([slot_pos, q_pos])
         mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= q_pos[:, None] - window)
-        return Chunk(start, length, angles.cos(), angles.sin(), mask)
+        return Chunk(start, angles.cos(), angles.sin(), mask)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = False) -> torch.Tensor:
