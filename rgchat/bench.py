@@ -9,8 +9,8 @@ import torch
 
 from rgchat import config as config_lib
 from rgchat.device import peak_rss_bytes, synchronize
-from rgchat.model import Griffin, init_random_
-from rgchat.quant import dtype_of
+from rgchat.model import Griffin, random_tensors
+from rgchat.quant import convert_tensor, dtype_of, prepare_model_, quantizable_weights, swap_modules_
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -28,9 +28,16 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int 
 
 
 def random_model(shape: str, precision: str, device: torch.device, seed: int = 0) -> Griffin:
+    """Random weights in `precision`, converted tensor by tensor as `rgchat convert` does, in the same
+    modules a model file loads into (so peak memory is the converted model plus one float tensor)."""
     with torch.device("meta"):
         model = Griffin(config_lib.preset(shape), dtype_of(precision))
-    return init_random_(model, seed).to(device).eval()
+    quantizable = quantizable_weights(model)
+    weights = {}
+    for name, value in random_tensors(model, seed):
+        weights.update((n, t.to(device)) for n, t in convert_tensor(name, value, precision, quantizable).items())
+    swap_modules_(model, precision).load_state_dict(weights, assign=True, strict=True)
+    return prepare_model_(model.eval())
 
 
 def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: int, gen_tokens: int,

@@ -7,8 +7,10 @@ much more memory than the finished model. Names are mapped to transformers' name
 from __future__ import annotations
 
 import json
+import mmap
 import pickle
 import re
+import shutil
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +18,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from rgchat import __version__, modelfile
 from rgchat import config as config_lib
 from rgchat.config import GriffinConfig
 from rgchat.errors import RGChatError
 from rgchat.model import Griffin
+from rgchat.quant import (
+    check_precision, convert_tensor, dtype_of, prepare_model_, quantizable_weights, swap_modules_,
+)
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -171,3 +177,86 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         raise RGChatError(f"{ckpt.path}: missing {len(missing)} tensors, e.g. {missing[0]}")
     model.load_state_dict(weights, assign=True, strict=True)
     return model.eval(), ckpt
+
+
+# --- converted model files ------------------------------------------------------------------------------
+
+def source_info(ckpt: Checkpoint) -> dict:
+    """What a converted file records about where its weights came from (checksums of every source file)."""
+    if ckpt.kind == "official":
+        files = [ckpt._pt_file]
+    else:
+        files = sorted(f for f in ckpt.path.iterdir() if f.suffix in (".json", ".safetensors"))
+    return {
+        "path": str(ckpt.path.resolve()),
+        "kind": ckpt.kind,
+        "files": {f.name: {"size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns,
+                           "sha256": modelfile.sha256_file(f)} for f in files},
+    }
+
+
+def _source_name(ckpt: Checkpoint) -> str:
+    return ckpt.path.stem if ckpt.kind == "official" and ckpt.path.is_file() else ckpt.path.name
+
+
+def convert(source: str | Path, precision: str, output: str | Path, name: str | None = None) -> Path:
+    """Convert a checkpoint into one model file of `precision`, streaming tensor by tensor.
+
+    The tokenizer is copied beside the output as tokenizer.model.
+    """
+    ckpt = Checkpoint(source)
+    output = Path(output)
+    check_precision(precision)
+    if not ckpt.tokenizer_path.is_file():
+        raise RGChatError(f"{ckpt.tokenizer_path}: tokenizer.model not found beside the checkpoint")
+    with torch.device("meta"):
+        model = Griffin(ckpt.config, dtype_of(precision))
+    quantizable = quantizable_weights(model)
+    layout = {n: (t.dtype, tuple(t.shape)) for n, t in swap_modules_(model, precision).state_dict().items()}
+    tokenizer_copy = output.parent / TOKENIZER_FILE
+    tokenizer_sha = modelfile.sha256_file(ckpt.tokenizer_path)
+    if tokenizer_copy.exists() and modelfile.sha256_file(tokenizer_copy) != tokenizer_sha:
+        raise RGChatError(f"{tokenizer_copy} exists and is another tokenizer: choose another output folder")
+    metadata = {
+        "name": name or _source_name(ckpt),
+        "config": json.dumps(ckpt.config.to_dict()),
+        "precision": precision,
+        "source": json.dumps(source_info(ckpt)),
+        "tokenizer_sha256": tokenizer_sha,
+        "rgchat_version": __version__,
+    }
+
+    def converted():
+        for tensor_name, tensor in ckpt.tensors():
+            stored = convert_tensor(tensor_name, tensor, precision, quantizable)
+            unknown = set(stored) - set(layout)
+            if unknown:
+                raise RGChatError(f"{ckpt.path}: unexpected tensor {min(unknown)!r} for this configuration")
+            yield from stored.items()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    modelfile.write(output, layout, metadata, converted())
+    if not tokenizer_copy.exists():
+        shutil.copyfile(ckpt.tokenizer_path, tokenizer_copy)
+    return output
+
+
+def load_file(path: str | Path, device: str = "cpu", verify: bool = True) -> tuple[Griffin, modelfile.ModelFile]:
+    """Build the network from a model file: tensors are mmap views (copied only to move off the CPU)."""
+    mf = modelfile.open_file(path)
+    if verify:
+        mf.verify()
+    precision = check_precision(mf.precision)
+    with torch.device("meta"):
+        model = swap_modules_(Griffin(mf.config, dtype_of(precision)), precision)
+    try:
+        weights = {name: t.to(device) for name, t in mf.tensors().items()}
+        model.load_state_dict(weights, assign=True, strict=True)
+    except RuntimeError as e:
+        raise RGChatError(f"{mf.path}: tensors do not match the model it describes ({str(e).splitlines()[0]})")
+    prepare_model_(model)
+    if device != "cpu" or precision == "int4":
+        # The weights now live in copies (on the device, or repacked), so the file's pages may go; the few
+        # rows still read from it (int4 embedding lookups) fault back in from the page cache.
+        mf.buffer.madvise(mmap.MADV_DONTNEED)
+    return model.eval(), mf

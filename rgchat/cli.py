@@ -15,7 +15,7 @@ import typer
 from rgchat import device as device_lib
 from rgchat.config import PRESETS
 from rgchat.errors import RGChatError
-from rgchat.quant import DTYPES
+from rgchat.quant import PRECISIONS
 
 app = typer.Typer(
     help="Chat with RecurrentGemma models on your own machine, in constant memory.",
@@ -44,7 +44,7 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-Precision = Enum("Precision", {name: name for name in DTYPES}, type=str)
+Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)
 Device = Enum("Device", {name: name for name in device_lib.CHOICES}, type=str)
 Shape = Enum("Shape", {name: name for name in PRESETS}, type=str)
 PrecisionOpt = Annotated[Precision, typer.Option(help="Weight precision.")]
@@ -54,7 +54,8 @@ DeviceOpt = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then
 @app.command()
 @user_errors
 def run(
-    model: Annotated[str, typer.Argument(help="Path to a Hugging Face folder or an official .pt checkpoint.")],
+    model: Annotated[str, typer.Argument(help="A model in the store, a model file, or a checkpoint (Hugging Face "
+                                              "folder or official .pt), converted into the store once.")],
     prompt: Annotated[Optional[str], typer.Argument(help="Text to continue (raw) or to ask (chat).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Continue the text as is, no chat template.")] = False,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in Gemma's chat template.")] = False,
@@ -63,24 +64,31 @@ def run(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
-    precision: PrecisionOpt = Precision.bf16,
+    precision: Annotated[Optional[Precision], typer.Option(
+        help="Weights to convert a checkpoint to [default: int8 on CPU and MPS, bf16 on CUDA].")] = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Generate a continuation (or one chat answer) and stream it to stdout."""
-    from rgchat.checkpoint import load_model
+    from rgchat.checkpoint import load_file
     from rgchat.generate import generate
-    from rgchat.quant import dtype_of
     from rgchat.sampling import Sampler
+    from rgchat.store import resolve
     from rgchat.tokenizer import StreamingDetokenizer, Tokenizer
 
     if raw and chat:
         raise typer.BadParameter("--raw and --chat exclude each other")
-    use_chat = chat or (not raw and Path(model).name.removesuffix(".pt").endswith("-it"))
-    engine, ckpt = load_model(model, dtype_of(precision.value), str(device_lib.resolve(device.value)))
-    tokenizer = Tokenizer(ckpt.tokenizer_path)
+    dev = device_lib.resolve(device.value)
+    wanted = precision.value if precision else ("bf16" if dev.type == "cuda" else "int8")
+    path = resolve(model, wanted, log=lambda line: print(line, file=sys.stderr))
+    engine, mf = load_file(path, str(dev))
+    if precision and mf.precision != precision.value:
+        raise RGChatError(f"{path} holds {mf.precision} weights, not {precision.value}: "
+                          f"convert the original checkpoint with --precision {precision.value}")
+    tokenizer = Tokenizer(path.parent / "tokenizer.model")
     if tokenizer.vocab_size > engine.config.vocab_size:
-        raise RGChatError(f"{ckpt.tokenizer_path}: tokenizer has {tokenizer.vocab_size} pieces but the model "
-                          f"only {engine.config.vocab_size}: wrong tokenizer for this model")
+        raise RGChatError(f"{path.parent / 'tokenizer.model'}: tokenizer has {tokenizer.vocab_size} pieces but "
+                          f"the model only {engine.config.vocab_size}: wrong tokenizer for this model")
+    use_chat = chat or (not raw and mf.metadata.get("name", "").endswith("-it"))
     if prompt is None and not sys.stdin.isatty():  # `echo question | rgchat run MODEL`
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     prompt = prompt or ""
@@ -95,6 +103,59 @@ def run(
         sys.stdout.flush()
     sys.stdout.write(detok.flush() + "\n")
     sys.stdout.flush()
+
+
+@app.command()
+@user_errors
+def convert(
+    source: Annotated[str, typer.Argument(help="A Hugging Face folder or an official .pt checkpoint.")],
+    precision: Annotated[Precision, typer.Option(help="Weight format to store.")] = Precision.int8,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Model file to write "
+                                                   "[default: into the store, as NAME-PRECISION].")] = None,
+) -> None:
+    """Convert a checkpoint into one rgchat model file (tokenizer.model is copied beside it)."""
+    from rgchat.checkpoint import convert as convert_checkpoint
+    from rgchat.store import entry_path
+
+    src = Path(source).expanduser()
+    name = f"{src.stem if src.is_file() else src.name}-{precision.value}"
+    target = output or entry_path(name)
+    path = convert_checkpoint(src, precision.value, target, name=name.removesuffix(f"-{precision.value}"))
+    print(f"rgchat: wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
+
+
+@app.command("list")
+@user_errors
+def list_models() -> None:
+    """List the models in the store: name, precision, size on disk, source."""
+    from rgchat.store import list_entries, store_dir
+
+    entries = list_entries()
+    if not entries:
+        print(f"rgchat: no models in {store_dir()} yet (`rgchat convert` or `rgchat run` adds them)",
+              file=sys.stderr)
+    for e in entries:
+        print(f"{e.name}\t{e.precision}\t{e.size / 2**30:.2f} GiB\t{e.source}")
+
+
+@app.command()
+@user_errors
+def show(model: Annotated[str, typer.Argument(help="A model in the store, or a model file.")]) -> None:
+    """Show a model's config, precision, sizes and state size."""
+    from rgchat.store import show_lines
+
+    for label, value in show_lines(model):
+        print(f"{label}: {value}")
+
+
+@app.command()
+@user_errors
+def rm(model: Annotated[str, typer.Argument(help="A model in the store.")]) -> None:
+    """Remove a model from the store."""
+    from rgchat.store import remove
+
+    remove(model)
+    print(f"rgchat: removed {model}", file=sys.stderr)
 
 
 @app.command()

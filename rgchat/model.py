@@ -242,20 +242,25 @@ class Griffin(nn.Module):
         return self.forward(torch.as_tensor(token).reshape(1), state)
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of weights one decoded token reads: every matrix once (the tied embedding for the logits),
+        in the form the kernels read it (for int4 on CPU, torch's repacked copy)."""
+        from rgchat.quant import runtime_tensors
+
+        return sum(t.numel() * t.element_size() for t in runtime_tensors(self))
 
 
-def init_random_(model: Griffin, seed: int = 0) -> Griffin:
-    """Fill a model with random weights of realistic scale (tests, bench).
+def random_tensors(model: Griffin, seed: int = 0, out_gain: float = 4.0):
+    """Random weights of realistic scale for every parameter of `model` (tests, bench), one at a time.
 
     The residual stream starts as a scaled copy of the token's embedding, and the logits are that
     embedding matrix again, so with timid block outputs a random model just repeats its last token.
-    Output projections are therefore 4x the usual scale, and the final norm is boosted so the logits
-    have clear margins: greedy output then varies with the input.
+    Output projections are therefore `out_gain` (4) times the usual scale, and the final norm is boosted so
+    the logits have clear margins: greedy output then varies with the input. (At 4x the network is also
+    chaotic, amplifying any rounding; out_gain=1 gives the calmer dynamics of a trained model.)
+    Yields (name, float32 tensor).
     """
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
         shape = p.shape
         if name.endswith("recurrent_param"):
             # softplus(param) such that a = exp(-8 * gate * softplus) spans roughly 0.3 .. 0.999
@@ -264,21 +269,20 @@ def init_random_(model: Griffin, seed: int = 0) -> Griffin:
             value = 3.0 + torch.randn(shape, generator=gen) * 0.2
         elif "norm" in name:
             value = torch.randn(shape, generator=gen) * 0.2
-        elif leaf == "bias":
+        elif name.endswith("bias"):
             value = torch.randn(shape, generator=gen) * 0.1
         elif name.endswith("conv_1d.weight"):
             value = torch.randn(shape, generator=gen) * 0.5
         else:  # [out, in] matrices, the [heads, in, out] gate blocks and the embedding
-            gain = 4.0 if name.endswith(("o_proj.weight", "linear_out.weight", "down_proj.weight")) else 1.0
+            gain = out_gain if name.endswith(("o_proj.weight", "linear_out.weight", "down_proj.weight")) else 1.0
             fan_in = shape[-2] if name.endswith("gate_weight") else shape[-1]
             value = torch.randn(shape, generator=gen) * (gain / math.sqrt(fan_in))
-        with torch.no_grad():
-            if p.is_meta:
-                setattr(_owner(model, name), leaf, nn.Parameter(value.to(p.dtype), requires_grad=False))
-            else:
-                p.copy_(value)
+        yield name, value
+
+
+def init_random_(model: Griffin, seed: int = 0, out_gain: float = 4.0) -> Griffin:
+    """Fill a plain (f32/bf16) model, possibly on the meta device, with `random_tensors`."""
+    dtype = model.dtype
+    weights = {name: value.to(dtype) for name, value in random_tensors(model, seed, out_gain)}
+    model.load_state_dict(weights, assign=True, strict=True)
     return model
-
-
-def _owner(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name.rpartition(".")[0])

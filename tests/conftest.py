@@ -29,10 +29,19 @@ Chat turns start with a marker and end with another; the model answers after its
 """
 
 
-def tiny_model(config: GriffinConfig = CYCLES, seed: int = 0, dtype: torch.dtype = torch.float32) -> Griffin:
+@pytest.fixture(autouse=True)
+def isolated_store(tmp_path, monkeypatch) -> Path:
+    """Every test gets an empty model store of its own (subprocesses inherit it through the environment)."""
+    store = tmp_path / "rgchat-store"
+    monkeypatch.setenv("RGCHAT_HOME", str(store))
+    return store
+
+
+def tiny_model(config: GriffinConfig = CYCLES, seed: int = 0, dtype: torch.dtype = torch.float32,
+               out_gain: float = 4.0) -> Griffin:
     with torch.device("meta"):
         model = Griffin(config, dtype)
-    return init_random_(model, seed).eval()
+    return init_random_(model, seed, out_gain).eval()
 
 
 @pytest.fixture(scope="session")

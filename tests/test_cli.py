@@ -69,7 +69,8 @@ def assert_clean_error(result, code=1):
     assert result.returncode == code, (result.returncode, result.stderr)
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rgchat: error:")]
+    assert len(errors) == 1, result.stderr  # one error line (a progress line may precede it)
 
 
 def test_bad_inputs_give_one_line_and_exit_1(tmp_path, hf_dir, tokenizer_path):
@@ -110,3 +111,25 @@ def test_prompt_from_stdin_with_invalid_utf8(hf_dir):
     assert result.returncode == 0, result.stderr
     ids = [tok.bos_id] + tok.encode("The quick \ufffd brown")
     assert result.stdout.decode() == expected_text(hf_dir, ids, 8, {tok.eos_id}) + "\n"
+
+
+def test_convert_list_show_rm_and_run_a_converted_file(tmp_path, hf_dir):
+    out = tmp_path / "q" / "tiny.safetensors"
+    converted = rgchat("convert", str(hf_dir), "--precision", "int8", "-o", str(out))
+    assert converted.returncode == 0, converted.stderr
+    assert converted.stdout == "" and out.is_file() and (out.parent / "tokenizer.model").is_file()
+    answer = rgchat("run", str(out), "fox", "--raw", "--max-tokens", "6")
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr
+    assert rgchat("run", str(out), "fox", "--precision", "bf16").returncode == 1  # file holds int8
+
+    into_store = rgchat("convert", str(hf_dir), "--precision", "bf16")
+    assert into_store.returncode == 0, into_store.stderr
+    listed = rgchat("list")
+    assert listed.returncode == 0 and listed.stdout.startswith("tiny-bf16\tbf16\t")
+    shown = rgchat("show", "tiny-bf16")
+    assert "precision: bf16" in shown.stdout and "state size:" in shown.stdout
+    assert rgchat("run", "tiny-bf16", "fox", "--raw", "--max-tokens", "4").returncode == 0
+    assert rgchat("rm", "tiny-bf16").returncode == 0
+    assert rgchat("list").stdout == ""
+    assert_clean_error(rgchat("show", "tiny-bf16"))
+    assert_clean_error(rgchat("run", "tiny-bf16", "x"))

@@ -1,0 +1,177 @@
+"""The rgchat model file: one safetensors file holding converted (possibly quantized) weights, with metadata
+that says what it is (format version, config, precision, source, tokenizer checksum, tensor checksums).
+
+It is written tensor by tensor (the layout is known before any data arrives) and atomically, and read by
+mmap: tensors are views of the page cache, so a 2.7 GB model is ready as soon as its checksums pass.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from rgchat.config import GriffinConfig
+from rgchat.errors import RGChatError
+
+FORMAT = "rgchat-model"
+VERSION = 1
+_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8",
+           torch.uint8: "U8", torch.int32: "I32"}
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+_HASH_PLACEHOLDER = "0" * 64
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _header_bytes(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str],
+                  hashes: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    header: dict = {"__metadata__": {**metadata, "tensor_sha256": json.dumps(hashes, sort_keys=True)}}
+    offsets, pos = {}, 0
+    for name, (dtype, shape) in layout.items():
+        size = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size]}
+        offsets[name] = (pos, pos + size)
+        pos += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def write(path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str],
+          tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Write every tensor of `layout` (in any order) to `path`, atomically: a temp file, fsync, rename."""
+    path = Path(path)
+    placeholder = {name: _HASH_PLACEHOLDER for name in layout}
+    meta = {"format": FORMAT, "format_version": str(VERSION), **metadata}
+    header, offsets = _header_bytes(layout, meta, placeholder)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    hashes: dict[str, str] = {}
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + max((end for _, end in offsets.values()), default=0))
+            for name, tensor in tensors:
+                dtype, shape = layout[name]
+                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                    raise RGChatError(f"tensor {name}: got {tensor.dtype} {tuple(tensor.shape)}, "
+                                      f"expected {dtype} {tuple(shape)}")
+                data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy
+                f.seek(len(header) + offsets[name][0])
+                f.write(data)
+                hashes[name] = hashlib.sha256(data).hexdigest()
+            missing = set(layout) - set(hashes)
+            if missing:
+                raise RGChatError(f"conversion produced no data for {len(missing)} tensors, e.g. {min(missing)}")
+            final, _ = _header_bytes(layout, meta, hashes)
+            assert len(final) == len(header)  # same length: hashes replace placeholders of equal size
+            f.seek(0)
+            f.write(final)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclasses.dataclass
+class ModelFile:
+    """An opened model file: its metadata, and its tensors as zero-copy views of an mmap."""
+
+    path: Path
+    metadata: dict[str, str]
+    entries: dict[str, dict]
+    data_start: int
+    buffer: mmap.mmap
+
+    @property
+    def config(self) -> GriffinConfig:
+        return GriffinConfig.from_dict(json.loads(self.metadata["config"]))
+
+    @property
+    def precision(self) -> str:
+        return self.metadata["precision"]
+
+    @property
+    def source(self) -> dict:
+        return json.loads(self.metadata.get("source", "{}"))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        count = (end - begin) // torch.empty(0, dtype=dtype).element_size()
+        if count == 0:
+            return torch.empty(entry["shape"], dtype=dtype)
+        flat = torch.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.data_start + begin)
+        return flat.view(entry["shape"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: self.tensor(name) for name in self.entries}
+
+    def verify(self, threads: int = 2) -> None:
+        """Check every tensor against its sha256 in the metadata (hashing in parallel threads)."""
+        expected = json.loads(self.metadata["tensor_sha256"])
+        if set(expected) != set(self.entries):
+            raise RGChatError(f"{self.path}: the checksum list does not match the tensors: file damaged")
+        view = memoryview(self.buffer)
+
+        def digest(name: str) -> str:
+            begin, end = self.entries[name]["data_offsets"]
+            return hashlib.sha256(view[self.data_start + begin:self.data_start + end]).hexdigest()
+
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for name, got in zip(expected, pool.map(digest, expected)):
+                if got != expected[name]:
+                    raise RGChatError(f"{self.path}: tensor {name} fails its checksum: the file is damaged; "
+                                      "convert or download it again")
+        view.release()
+
+
+def open_file(path: str | Path) -> ModelFile:
+    """Open and sanity-check a model file (header, format, version, sizes); data is mapped, not read."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise RGChatError(f"{path}: too short to be an rgchat model file")
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > min(size - 8, 100 << 20):
+                raise RGChatError(f"{path}: not an rgchat model file (bad header length)")
+            header = json.loads(f.read(header_len))
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise RGChatError(f"{path}: not a readable rgchat model file ({e})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    if metadata.get("format") != FORMAT:
+        raise RGChatError(f"{path}: a safetensors file, but not an rgchat model file "
+                          "(convert checkpoints with `rgchat convert`)")
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except ValueError:
+        version = 0
+    if version > VERSION:
+        raise RGChatError(f"{path}: written by a newer rgchat (model format {version}); upgrade rgchat")
+    if version < 1 or not {"config", "precision", "tensor_sha256"} <= set(metadata):
+        raise RGChatError(f"{path}: rgchat model file with missing or bad metadata")
+    data_start = 8 + header_len
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if data_start + end != size:
+        raise RGChatError(f"{path}: truncated or padded ({size} bytes, header says {data_start + end})")
+    return ModelFile(path, metadata, header, data_start, buffer)

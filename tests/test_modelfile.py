@@ -1,0 +1,126 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import CYCLES, tiny_model, write_hf_folder, write_official
+from rgchat import modelfile
+from rgchat.checkpoint import convert, load_file
+from rgchat.errors import RGChatError
+
+
+@pytest.fixture
+def sources(tmp_path, tokenizer_path):
+    model = tiny_model(CYCLES, seed=51)
+    return model, write_hf_folder(model, tmp_path / "hf", tokenizer_path), write_official(
+        model, tmp_path / "kaggle", tokenizer_path)
+
+
+def split(path):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def rewrite_metadata(path, **changes):
+    header, data = split(path)
+    header["__metadata__"].update(changes)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+@pytest.mark.parametrize("precision", ["f32", "bf16", "int8", "int4"])
+def test_hf_and_official_sources_convert_to_identical_files(tmp_path, sources, precision):
+    _, hf_dir, pt_file = sources
+    a = convert(hf_dir, precision, tmp_path / "a" / "model.safetensors")
+    b = convert(pt_file, precision, tmp_path / "b" / "model.safetensors")
+    (ha, da), (hb, db) = split(a), split(b)
+    assert da == db  # the tensor data, byte for byte
+    assert ha["__metadata__"]["tensor_sha256"] == hb["__metadata__"]["tensor_sha256"]
+    assert {k: v for k, v in ha.items() if k != "__metadata__"} == {k: v for k, v in hb.items() if k != "__metadata__"}
+    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == (hf_dir / "tokenizer.model").read_bytes()
+
+
+def test_converted_file_reloads_bit_identically(tmp_path, sources):
+    model, hf_dir, _ = sources
+    path = convert(hf_dir, "f32", tmp_path / "m.safetensors")
+    loaded, mf = load_file(path)
+    assert mf.precision == "f32" and mf.config == CYCLES and mf.metadata["name"] == "hf"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    int8 = convert(hf_dir, "int8", tmp_path / "q.safetensors")
+    first = {n: t.clone() for n, t in load_file(int8)[0].state_dict().items()}
+    again = convert(hf_dir, "int8", tmp_path / "q2.safetensors")
+    assert split(int8)[1] == split(again)[1]
+    assert all(torch.equal(first[n], t) for n, t in load_file(again)[0].state_dict().items())
+
+
+def test_source_checksums_are_recorded(tmp_path, sources):
+    _, hf_dir, _ = sources
+    mf = modelfile.open_file(convert(hf_dir, "int8", tmp_path / "m.safetensors"))
+    files = mf.source["files"]
+    assert "config.json" in files and all(len(f["sha256"]) == 64 for f in files.values())
+    assert mf.metadata["tokenizer_sha256"] == modelfile.sha256_file(hf_dir / "tokenizer.model")
+
+
+def test_damaged_files_are_refused(tmp_path, sources):
+    _, hf_dir, _ = sources
+    good = convert(hf_dir, "int8", tmp_path / "m.safetensors")
+    raw = good.read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(raw[:-10])
+    with pytest.raises(RGChatError, match="truncated"):
+        load_file(truncated)
+
+    tampered = tmp_path / "tampered.safetensors"
+    flipped = bytearray(raw)
+    flipped[-5] ^= 0x40
+    tampered.write_bytes(bytes(flipped))
+    with pytest.raises(RGChatError, match="checksum"):
+        load_file(tampered)
+
+    newer = tmp_path / "newer.safetensors"
+    newer.write_bytes(raw)
+    rewrite_metadata(newer, format_version="99")
+    with pytest.raises(RGChatError, match="newer rgchat"):
+        load_file(newer)
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(3)}, str(foreign))
+    with pytest.raises(RGChatError, match="not an rgchat model file"):
+        load_file(foreign)
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(RGChatError):
+        load_file(garbage)
+
+
+def test_failed_conversion_leaves_existing_output_untouched(tmp_path, sources, tokenizer_path):
+    _, hf_dir, _ = sources
+    out = convert(hf_dir, "int8", tmp_path / "out" / "model.safetensors")
+    before = out.read_bytes()
+    broken = write_hf_folder(tiny_model(CYCLES, seed=52), tmp_path / "broken", tokenizer_path, shards=2)
+    shard = broken / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(RGChatError):
+        convert(broken, "int8", out)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.safetensors", "tokenizer.model"]  # no temp
+
+
+def test_int4_file_loads_and_answers_like_in_memory_quantization(tmp_path, sources):
+    model, hf_dir, _ = sources
+    from rgchat.quant import quantize_model
+
+    loaded, mf = load_file(convert(hf_dir, "int4", tmp_path / "m.safetensors"))
+    assert mf.precision == "int4"
+    in_memory = quantize_model(tiny_model(CYCLES, seed=51), "int4")
+    tokens = torch.arange(30) * 11 % CYCLES.vocab_size
+    a = loaded.forward(tokens, loaded.new_state(), all_logits=True)
+    b = in_memory.forward(tokens, in_memory.new_state(), all_logits=True)
+    assert torch.equal(a, b)
