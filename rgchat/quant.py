@@ -61,6 +61,9 @@ class Embedding(nn.Module):
         return F.linear(x, self.weight)
 
 
+_ROWS_AT_ONCE = 16384  # quantize big matrices in slices of rows, so temporaries stay small
+
+
 # --- int8: symmetric, one scale per output row ----------------------------------------------------------
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +71,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     The scale is rounded to bfloat16 before quantizing, since that is the scale the kernels multiply by.
     """
+    if weight.shape[0] > _ROWS_AT_ONCE:  # bound the float temporaries (the embedding has 256000 rows)
+        parts = [quantize_int8(weight[i:i + _ROWS_AT_ONCE]) for i in range(0, weight.shape[0], _ROWS_AT_ONCE)]
+        return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
     w = weight.float()
     scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(torch.bfloat16)
     q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
@@ -131,6 +137,9 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     group = INT4_GROUP
     if in_features % group:
         raise RGChatError(f"int4 needs an input width divisible by {group}, not {in_features}")
+    if out_features > _ROWS_AT_ONCE:  # bound the float temporaries
+        parts = [quantize_int4(weight[i:i + _ROWS_AT_ONCE]) for i in range(0, out_features, _ROWS_AT_ONCE)]
+        return tuple(torch.cat(column) for column in zip(*parts))
     w = weight.float().reshape(out_features, -1, group)
     low, high = w.amin(-1), w.amax(-1)
     scale = ((high - low).clamp(min=1e-10) / 15).to(torch.bfloat16)
@@ -266,7 +275,7 @@ def runtime_tensors(model: nn.Module) -> list[torch.Tensor]:
         if isinstance(module, _Int4Weight) and module.runtime:
             tensors += [t for t in module.runtime if isinstance(t, torch.Tensor)]
             skip |= {id(module.weight), id(module.scale), id(module.zero)}
-    return tensors + [t for t in model.state_dict().values() if id(t) not in skip]
+    return tensors + [t for t in model.state_dict(keep_vars=True).values() if id(t) not in skip]
 
 
 def prepare_model_(model: nn.Module) -> nn.Module:
