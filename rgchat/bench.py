@@ -3,12 +3,15 @@ memory-bandwidth limit measured in the same run. Needs no download."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 
+from rgchat import __version__, modelfile
 from rgchat import config as config_lib
-from rgchat.device import peak_rss_bytes, reset_peak_rss, synchronize
+from rgchat.device import peak_rss_bytes, process_age_s, reset_peak_rss, synchronize
 from rgchat.model import Griffin, random_tensors
 from rgchat.quant import convert_tensor, dtype_of, prepare_model_, quantizable_weights, swap_modules_
 
@@ -27,27 +30,53 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int 
     return nbytes / best / 1e9
 
 
-def random_model(shape: str, precision: str, device: torch.device, seed: int = 0) -> Griffin:
-    """Random weights in `precision`, converted tensor by tensor as `rgchat convert` does, in the same
-    modules a model file loads into (so peak memory is the converted model plus one float tensor)."""
+def random_weights(shape: str, precision: str, seed: int = 0) -> tuple[Griffin, dict[str, torch.Tensor]]:
+    """A meta model of `shape` in `precision` and random weights for it, converted tensor by tensor as
+    `rgchat convert` does (so peak memory is the converted model plus one float tensor)."""
     with torch.device("meta"):
         model = Griffin(config_lib.preset(shape), dtype_of(precision))
     quantizable = quantizable_weights(model)
-    weights = {}
+    weights: dict[str, torch.Tensor] = {}
     for name, value in random_tensors(model, seed):
-        weights.update((n, t.to(device)) for n, t in convert_tensor(name, value, precision, quantizable).items())
-    swap_modules_(model, precision).load_state_dict(weights, assign=True, strict=True)
+        weights.update(convert_tensor(name, value, precision, quantizable))
+    return swap_modules_(model, precision), weights
+
+
+def random_model(shape: str, precision: str, device: torch.device, seed: int = 0) -> Griffin:
+    """Random weights in the same modules a model file of `precision` loads into."""
+    model, weights = random_weights(shape, precision, seed)
+    model.load_state_dict({n: t.to(device) for n, t in weights.items()}, assign=True, strict=True)
     return prepare_model_(model.eval())
 
 
+def save_random_model(shape: str, precision: str, path: Path, seed: int = 0) -> Path:
+    """Write random weights as a model file, to measure loading and start-up like a real model's."""
+    model, weights = random_weights(shape, precision, seed)
+    layout = {n: (t.dtype, tuple(t.shape)) for n, t in weights.items()}
+    metadata = {"name": f"random-{shape}", "config": json.dumps(model.config.to_dict()), "precision": precision,
+                "source": json.dumps({"kind": "random", "seed": seed}), "rgchat_version": __version__}
+    modelfile.write(path, layout, metadata, weights.items())
+    return path
+
+
 def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: int, gen_tokens: int,
-              seed: int = 0) -> dict:
-    bandwidth = measure_bandwidth(device)
-    model = random_model(shape, precision, device, seed)
+              seed: int = 0, model_file: Path | None = None) -> dict:
+    """Prefill and decode timings on random weights of `shape`, or on the weights of `model_file`."""
+    t0 = time.perf_counter()
+    if model_file is not None:
+        from rgchat.checkpoint import load_file
+
+        model, mf = load_file(model_file, str(device))
+        shape, precision = mf.metadata.get("name", str(model_file)), mf.precision
+    else:
+        model = random_model(shape, precision, device, seed)
+    load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed))
 
-    model.prefill(prompt[:16], model.new_state())  # warm-up: first-call allocations and kernel selection
+    # Warm-up (first-call allocations, kernel selection); its first token also marks the start-up time.
+    int(torch.argmax(model.prefill(prompt[:16], model.new_state())))
+    startup_s = process_age_s()
     build_peak_rss = peak_rss_bytes()
     reset_peak_rss()  # from here on: the memory that prefill and decode need
     state = model.new_state()
@@ -62,7 +91,9 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
     for _ in range(gen_tokens):
         token = int(torch.argmax(model.step(token, state)))  # int() waits for the device
     decode_s = time.perf_counter() - t0
+    peak_rss = peak_rss_bytes()
 
+    bandwidth = measure_bandwidth(device)
     weight_bytes = model.weight_bytes()  # each decoded token reads every weight once (tied embedding: logits)
     decode_tok_s = gen_tokens / decode_s if gen_tokens else 0.0
     limit_tok_s = bandwidth * 1e9 / weight_bytes
@@ -76,7 +107,9 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
         "prefill_tok_s": round(prompt_tokens / prefill_s, 2),
         "decode_tok_s": round(decode_tok_s, 3),
         "ttft_s": round(prefill_s, 3),
-        "peak_rss_bytes": peak_rss_bytes(),  # during prefill and decode (whole run where not resettable)
+        "load_s": round(load_s, 3),
+        "startup_s": round(startup_s, 3) if startup_s is not None else None,
+        "peak_rss_bytes": peak_rss,  # during prefill and decode (whole run where not resettable)
         "build_peak_rss_bytes": build_peak_rss,
         "weight_bytes_per_token": weight_bytes,
         "state_bytes": state.nbytes,

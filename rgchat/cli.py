@@ -170,15 +170,23 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
     scan: Annotated[bool, typer.Option("--scan", help="Time the RG-LRU scan alone: native vs PyTorch, "
                                                      "T = 1, 2048, 32768 at the 2B width.")] = False,
+    model: Annotated[Optional[Path], typer.Option(help="Bench this model file instead of random weights "
+                                                       "(also times loading and start-up).")] = None,
+    save: Annotated[Optional[Path], typer.Option(help="Write the random weights as a model file and stop "
+                                                      "(to bench loading with --model).")] = None,
 ) -> None:
     """Measure prefill and decode speed on random weights of a real shape (no download needed)."""
-    from rgchat.bench import run_bench, time_scan
+    from rgchat.bench import run_bench, save_random_model, time_scan
 
     dev = device_lib.resolve(device.value)
+    if save:
+        path = save_random_model(shape.value, precision.value, save, seed)
+        print(f"rgchat: wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
+        return
     if scan:
         results = time_scan(dev, precision.value, seed=seed)
     else:
-        results = [run_bench(shape.value, precision.value, dev, prompt_tokens, gen_tokens, seed)]
+        results = [run_bench(shape.value, precision.value, dev, prompt_tokens, gen_tokens, seed, model)]
     if as_json:
         for result in results:
             print(json.dumps(result))

@@ -53,3 +53,17 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux), so start-up time includes imports; None elsewhere."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -124,8 +124,32 @@ class ModelFile:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: self.tensor(name) for name in self.entries}
 
-    def verify(self, threads: int = 2) -> None:
-        """Check every tensor against its sha256 in the metadata (hashing in parallel threads)."""
+    def _stamp(self) -> dict:
+        st = self.path.stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+    def verify(self, threads: int = 2, remember: bool = True) -> None:
+        """Check every tensor against its sha256 in the metadata (hashing in parallel threads).
+
+        Hashing a 2.7 GB file takes about a second, so a pass is remembered in FILE.verified (size, mtime,
+        inode); later loads of the unchanged file skip the hashing. Any write to the file changes its mtime.
+        """
+        stamp_file = self.path.with_name(self.path.name + ".verified")
+        try:
+            if remember and json.loads(stamp_file.read_text()) == self._stamp():
+                return
+        except (OSError, ValueError):
+            pass
+        self._verify_all(threads)
+        if remember:
+            try:
+                tmp = stamp_file.with_name(f".{stamp_file.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(self._stamp()))
+                os.replace(tmp, stamp_file)
+            except OSError:  # a read-only folder: verify again next time
+                pass
+
+    def _verify_all(self, threads: int) -> None:
         expected = json.loads(self.metadata["tensor_sha256"])
         if set(expected) != set(self.entries):
             raise RGChatError(f"{self.path}: the checksum list does not match the tensors: file damaged")

@@ -124,3 +124,22 @@ def test_int4_file_loads_and_answers_like_in_memory_quantization(tmp_path, sourc
     a = loaded.forward(tokens, loaded.new_state(), all_logits=True)
     b = in_memory.forward(tokens, in_memory.new_state(), all_logits=True)
     assert torch.equal(a, b)
+
+
+def test_verification_is_remembered_until_the_file_changes(tmp_path, sources):
+    import time
+
+    _, hf_dir, _ = sources
+    path = convert(hf_dir, "int8", tmp_path / "m.safetensors")
+    load_file(path)
+    stamp = path.with_name(path.name + ".verified")
+    assert stamp.is_file()
+    load_file(path)  # unchanged: the remembered pass is used
+    time.sleep(0.02)
+    with open(path, "r+b") as f:  # damage in place, as a disk error or an editor would
+        f.seek(-3, 2)
+        byte = f.read(1)
+        f.seek(-3, 2)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(RGChatError, match="checksum"):
+        load_file(path)
