@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import pickle
 import re
 import shutil
@@ -119,13 +120,13 @@ class Checkpoint:
         self.path = path
         if path.is_file() and path.suffix == ".pt":
             self.kind, folder = "official", path.parent
-            self._pt_file: Path | None = path
+            self.pt_file: Path | None = path
         elif path.is_dir() and (path / "config.json").exists():
             self.kind, folder = "hf", path
-            self._pt_file = None
+            self.pt_file = None
         elif path.is_dir() and len(pts := sorted(path.glob("*.pt"))) == 1:
             self.kind, folder = "official", path
-            self._pt_file = pts[0]
+            self.pt_file = pts[0]
         else:
             raise RGChatError(f"{path}: not a RecurrentGemma checkpoint (want a folder with config.json and "
                               "safetensors, or an official .pt file)")
@@ -144,8 +145,8 @@ class Checkpoint:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) in our naming, one at a time."""
-        if self._pt_file is not None:
-            for name, tensor in _read_pt(self._pt_file).items():
+        if self.pt_file is not None:
+            for name, tensor in _read_pt(self.pt_file).items():
                 yield from _official_to_hf(name, tensor)
             return
         for file in _safetensors_files(self.path):
@@ -184,7 +185,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 def source_info(ckpt: Checkpoint) -> dict:
     """What a converted file records about where its weights came from (checksums of every source file)."""
     if ckpt.kind == "official":
-        files = [ckpt._pt_file]
+        files = [ckpt.pt_file]
     else:
         files = sorted(f for f in ckpt.path.iterdir() if f.suffix in (".json", ".safetensors"))
     return {
@@ -237,7 +238,9 @@ def convert(source: str | Path, precision: str, output: str | Path, name: str | 
     output.parent.mkdir(parents=True, exist_ok=True)
     modelfile.write(output, layout, metadata, converted())
     if not tokenizer_copy.exists():
-        shutil.copyfile(ckpt.tokenizer_path, tokenizer_copy)
+        tmp = tokenizer_copy.with_name(f".{TOKENIZER_FILE}.{os.getpid()}.tmp")
+        shutil.copyfile(ckpt.tokenizer_path, tmp)
+        os.replace(tmp, tokenizer_copy)
     return output
 
 
@@ -255,7 +258,7 @@ def load_file(path: str | Path, device: str = "cpu", verify: bool = True) -> tup
     except RuntimeError as e:
         raise RGChatError(f"{mf.path}: tensors do not match the model it describes ({str(e).splitlines()[0]})")
     prepare_model_(model)
-    if device != "cpu" or precision == "int4":
+    if (device != "cpu" or precision == "int4") and hasattr(mf.buffer, "madvise"):
         # The weights now live in copies (on the device, or repacked), so the file's pages may go; the few
         # rows still read from it (int4 embedding lookups) fault back in from the page cache.
         mf.buffer.madvise(mmap.MADV_DONTNEED)

@@ -95,8 +95,9 @@ def run(
     ids = [tokenizer.bos_id] + (tokenizer.chat_prompt(prompt) if use_chat else tokenizer.encode(prompt))
     stop_ids = {tokenizer.eos_id} | ({tokenizer.end_of_turn_id} if use_chat else set())
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    vocab = tokenizer.vocab_size  # a model's embedding may have rows past the tokenizer's pieces: never pick those
     detok = StreamingDetokenizer(tokenizer)
-    for token in generate(engine, engine.new_state(), ids, max_tokens, sampler, stop_ids):
+    for token in generate(engine, engine.new_state(), ids, max_tokens, lambda l: sampler(l[:vocab]), stop_ids):
         if token in stop_ids:
             break
         sys.stdout.write(detok.add(token))

@@ -133,3 +133,13 @@ def test_convert_list_show_rm_and_run_a_converted_file(tmp_path, hf_dir):
     assert rgchat("list").stdout == ""
     assert_clean_error(rgchat("show", "tiny-bf16"))
     assert_clean_error(rgchat("run", "tiny-bf16", "x"))
+
+
+def test_model_vocab_larger_than_the_tokenizer(tmp_path, tokenizer_path):
+    """Checkpoints may pad the embedding past the tokenizer's pieces; those ids must never be generated."""
+    from rgchat.config import GriffinConfig
+
+    wide = GriffinConfig(**{**CYCLES.to_dict(), "vocab_size": 640})
+    folder = write_hf_folder(tiny_model(wide, seed=33), tmp_path / "padded", tokenizer_path)
+    result = rgchat("run", str(folder), "fox", "--raw", "--max-tokens", "30", "--temperature", "1.5", "--seed", "1")
+    assert result.returncode == 0, result.stderr
