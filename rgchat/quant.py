@@ -185,11 +185,18 @@ class _Int4Weight(nn.Module):
     def prepare(self) -> None:
         """Build the runtime form. Linear layers then drop their stored copy; the embedding keeps it for
         row lookups."""
-        rows = self.weight.shape[0]
+        rows, half = self.weight.shape
         if self.weight.device.type == "cpu" and rows % 16 == 0:
             step = _PACK_ROWS if rows % 64 == 0 else rows
-            packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(
-                unpack_int4(self.weight[i:i + step]).contiguous(), 1) for i in range(0, rows, step)])
+            values = torch.empty(min(step, rows), half, 2, dtype=torch.int32)  # reused: no fresh pages per slice
+            parts = []
+            for i in range(0, rows, step):
+                chunk = self.weight[i:i + step]
+                n = chunk.shape[0]
+                torch.bitwise_and(chunk, 0x0F, out=values[:n, :, 0])
+                torch.bitwise_right_shift(chunk, 4, out=values[:n, :, 1])
+                parts.append(torch._convert_weight_to_int4pack_for_cpu(values[:n].view(n, 2 * half), 1))
+            packed = torch.cat(parts)
             scales_and_zeros = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
             self.runtime = ("cpu", packed, scales_and_zeros)
         else:
