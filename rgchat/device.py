@@ -46,7 +46,18 @@ def peak_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> bool:
-    """Start a new peak-RSS measurement (Linux: writing 5 to clear_refs); False where unsupported."""
+    """Start a new peak-RSS measurement (Linux: writing 5 to clear_refs); False where unsupported.
+
+    Memory freed earlier is first handed back to the system (glibc's malloc_trim), so the new peak does
+    not start from what the allocator merely kept."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -201,8 +201,8 @@ class _Int4Weight(nn.Module):
             self.runtime = ("cpu", packed, scales_and_zeros)
         else:
             self.runtime = ("dense", dequantize_int4(self.weight, self.scale, self.zero, torch.bfloat16))
-        if isinstance(self, Int4Linear):
-            self.weight = self.weight[:0]  # no longer read
+        if isinstance(self, Int4Linear):  # no longer read: free it (a slice would keep its storage alive)
+            self.weight = torch.empty(0, half, dtype=torch.uint8, device=self.weight.device)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if not self.runtime:
