@@ -196,11 +196,12 @@ def source_info(ckpt: Checkpoint) -> dict:
     }
 
 
-def _source_name(ckpt: Checkpoint) -> str:
-    return ckpt.path.stem if ckpt.kind == "official" and ckpt.path.is_file() else ckpt.path.name
+def source_name(path: Path) -> str:
+    """A checkpoint's name: its folder's name, or the .pt file's stem ("2b-it" for 2b-it.pt)."""
+    return path.stem if path.is_file() else path.name
 
 
-def convert(source: str | Path, precision: str, output: str | Path, name: str | None = None) -> Path:
+def convert(source: str | Path, precision: str, output: str | Path) -> Path:
     """Convert a checkpoint into one model file of `precision`, streaming tensor by tensor.
 
     The tokenizer is copied beside the output as tokenizer.model.
@@ -219,7 +220,7 @@ def convert(source: str | Path, precision: str, output: str | Path, name: str | 
     if tokenizer_copy.exists() and modelfile.sha256_file(tokenizer_copy) != tokenizer_sha:
         raise RGChatError(f"{tokenizer_copy} exists and is another tokenizer: choose another output folder")
     metadata = {
-        "name": name or _source_name(ckpt),
+        "name": source_name(ckpt.path),
         "config": json.dumps(ckpt.config.to_dict()),
         "precision": precision,
         "source": json.dumps(source_info(ckpt)),

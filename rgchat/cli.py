@@ -116,12 +116,10 @@ def convert(
 ) -> None:
     """Convert a checkpoint into one rgchat model file (tokenizer.model is copied beside it)."""
     from rgchat.checkpoint import convert as convert_checkpoint
-    from rgchat.store import entry_path
+    from rgchat.store import entry_name, entry_path
 
     src = Path(source).expanduser()
-    name = f"{src.stem if src.is_file() else src.name}-{precision.value}"
-    target = output or entry_path(name)
-    path = convert_checkpoint(src, precision.value, target, name=name.removesuffix(f"-{precision.value}"))
+    path = convert_checkpoint(src, precision.value, output or entry_path(entry_name(src, precision.value)))
     print(f"rgchat: wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
 
 

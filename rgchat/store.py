@@ -29,6 +29,13 @@ class Entry:
     source: str
 
 
+def entry_name(source: Path, precision: str) -> str:
+    """The store name of a checkpoint converted to `precision`: recurrentgemma-2b-it-int8."""
+    from rgchat.checkpoint import source_name
+
+    return f"{source_name(source)}-{precision}"
+
+
 def entry_path(name: str) -> Path:
     if not name or "/" in name or name.startswith("."):
         raise RGChatError(f"invalid model name {name!r}")
@@ -94,11 +101,10 @@ def resolve(model: str, precision: str, log=print) -> Path:
         return path / MODEL_FILE
     if path.exists():
         ckpt = Checkpoint(path)
-        name = f"{path.stem if path.is_file() else path.name}-{precision}"
-        target = entry_path(name)
+        target = entry_path(entry_name(ckpt.path, precision))
         if not (target.is_file() and _same_source(target, path)):
             log(f"rgchat: converting {path} to {precision} into {target.parent} (once)")
-            convert(ckpt.path, precision, target, name=name.removesuffix(f"-{precision}"))
+            convert(ckpt.path, precision, target)
         return target
     if "/" in model or model.startswith("."):
         raise RGChatError(f"{path}: no such file or directory")
