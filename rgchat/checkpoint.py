@@ -25,7 +25,8 @@ from rgchat.config import GriffinConfig
 from rgchat.errors import RGChatError
 from rgchat.model import Griffin
 from rgchat.quant import (
-    check_precision, convert_tensor, dtype_of, prepare_model_, quantizable_weights, swap_modules_,
+    check_precision, convert_tensor, dtype_of, packed_tensors, prepare_model_, quantizable_weights,
+    swap_modules_,
 )
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -258,9 +259,45 @@ def load_file(path: str | Path, device: str = "cpu", verify: bool = True) -> tup
         model.load_state_dict(weights, assign=True, strict=True)
     except RuntimeError as e:
         raise RGChatError(f"{mf.path}: tensors do not match the model it describes ({str(e).splitlines()[0]})")
-    prepare_model_(model)
+    cache = mf.path.with_name(f"{mf.path.name}.int4pack-torch-{torch.__version__}")
+    use_cache = precision == "int4" and device == "cpu"
+    packed = _read_pack_cache(cache, mf) if use_cache else None
+    prepare_model_(model, packed)
+    if use_cache and packed is None:
+        _write_pack_cache(cache, mf, model)
     if (device != "cpu" or precision == "int4") and hasattr(mf.buffer, "madvise"):
         # The weights now live in copies (on the device, or repacked), so the file's pages may go; the few
         # rows still read from it (int4 embedding lookups) fault back in from the page cache.
         mf.buffer.madvise(mmap.MADV_DONTNEED)
     return model.eval(), mf
+
+
+# int4 on CPU runs from torch's own packed layout, which depends on the torch version and takes seconds to
+# build for a 2B model, so the packed tensors are cached beside the model file, tied to its exact state.
+PACK_CACHE_FORMAT = "rgchat-int4-pack-cache"
+
+
+def _model_stamp(mf: modelfile.ModelFile) -> str:
+    st = mf.path.stat()
+    return json.dumps([st.st_size, st.st_mtime_ns, st.st_ino, mf.metadata["tensor_sha256"]])
+
+
+def _read_pack_cache(path: Path, mf: modelfile.ModelFile) -> dict[str, torch.Tensor] | None:
+    try:
+        cache = modelfile.open_file(path, PACK_CACHE_FORMAT)
+        if cache.metadata.get("model_stamp") != _model_stamp(mf):
+            return None
+        cache.verify()
+        return cache.tensors()
+    except (RGChatError, OSError):
+        return None  # missing, stale or damaged: pack again
+
+
+def _write_pack_cache(path: Path, mf: modelfile.ModelFile, model: Griffin) -> None:
+    tensors = packed_tensors(model)
+    layout = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    metadata = {"config": mf.metadata["config"], "precision": "int4", "model_stamp": _model_stamp(mf)}
+    try:
+        modelfile.write(path, layout, metadata, tensors.items(), PACK_CACHE_FORMAT)
+    except OSError:  # a read-only folder: pack again next time
+        pass

@@ -53,11 +53,11 @@ def _header_bytes(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metada
 
 
 def write(path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str],
-          tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+          tensors: Iterable[tuple[str, torch.Tensor]], file_format: str = FORMAT) -> None:
     """Write every tensor of `layout` (in any order) to `path`, atomically: a temp file, fsync, rename."""
     path = Path(path)
     placeholder = {name: _HASH_PLACEHOLDER for name in layout}
-    meta = {"format": FORMAT, "format_version": str(VERSION), **metadata}
+    meta = {"format": file_format, "format_version": str(VERSION), **metadata}
     header, offsets = _header_bytes(layout, meta, placeholder)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     hashes: dict[str, str] = {}
@@ -167,7 +167,7 @@ class ModelFile:
         view.release()
 
 
-def open_file(path: str | Path) -> ModelFile:
+def open_file(path: str | Path, file_format: str = FORMAT) -> ModelFile:
     """Open and sanity-check a model file (header, format, version, sizes); data is mapped, not read."""
     path = Path(path)
     try:
@@ -183,7 +183,7 @@ def open_file(path: str | Path) -> ModelFile:
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise RGChatError(f"{path}: not a readable rgchat model file ({e})") from None
     metadata = header.pop("__metadata__", None) or {}
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") != file_format:
         raise RGChatError(f"{path}: a safetensors file, but not an rgchat model file "
                           "(convert checkpoints with `rgchat convert`)")
     try:

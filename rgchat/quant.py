@@ -196,13 +196,20 @@ class _Int4Weight(nn.Module):
                 torch.bitwise_and(chunk, 0x0F, out=values[:n, :, 0])
                 torch.bitwise_right_shift(chunk, 4, out=values[:n, :, 1])
                 parts.append(torch._convert_weight_to_int4pack_for_cpu(values[:n].view(n, 2 * half), 1))
-            packed = torch.cat(parts)
             scales_and_zeros = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
-            self.runtime = ("cpu", packed, scales_and_zeros)
+            self.use_packed(torch.cat(parts), scales_and_zeros)
         else:
             self.runtime = ("dense", dequantize_int4(self.weight, self.scale, self.zero, torch.bfloat16))
+            self._drop_storage()
+
+    def use_packed(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> None:
+        """Run from torch's packed CPU layout (built by `prepare`, or read back from a cache)."""
+        self.runtime = ("cpu", packed, scales_and_zeros)
+        self._drop_storage()
+
+    def _drop_storage(self) -> None:
         if isinstance(self, Int4Linear):  # no longer read: free it (a slice would keep its storage alive)
-            self.weight = torch.empty(0, half, dtype=torch.uint8, device=self.weight.device)
+            self.weight = torch.empty(0, self.weight.shape[1], dtype=torch.uint8, device=self.weight.device)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if not self.runtime:
@@ -285,12 +292,25 @@ def runtime_tensors(model: nn.Module) -> list[torch.Tensor]:
     return tensors + [t for t in model.state_dict(keep_vars=True).values() if id(t) not in skip]
 
 
-def prepare_model_(model: nn.Module) -> nn.Module:
-    """Ready quantized weights for their device once loaded (int4 repacks for torch's kernels)."""
-    for module in model.modules():
+def prepare_model_(model: nn.Module, packed: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Ready quantized weights for their device once loaded: int4 repacks for torch's CPU kernel, or takes
+    the packed tensors from `packed` (what `packed_tensors` returned for the same weights earlier)."""
+    for name, module in model.named_modules():
         if isinstance(module, _Int4Weight):
-            module.prepare()
+            if packed is not None and f"{name}.packed" in packed:
+                module.use_packed(packed[f"{name}.packed"], packed[f"{name}.scales_and_zeros"])
+            else:
+                module.prepare()
     return model
+
+
+def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The int4 modules' packed CPU tensors by name, to cache them (repacking a 2B model takes seconds)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _Int4Weight) and module.runtime and module.runtime[0] == "cpu":
+            out[f"{name}.packed"], out[f"{name}.scales_and_zeros"] = module.runtime[1:]
+    return out
 
 
 def quantize_model(model: nn.Module, precision: str) -> nn.Module:

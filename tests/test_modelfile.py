@@ -117,13 +117,21 @@ def test_int4_file_loads_and_answers_like_in_memory_quantization(tmp_path, sourc
     model, hf_dir, _ = sources
     from rgchat.quant import quantize_model
 
-    loaded, mf = load_file(convert(hf_dir, "int4", tmp_path / "m.safetensors"))
+    path = convert(hf_dir, "int4", tmp_path / "m.safetensors")
+    loaded, mf = load_file(path)
     assert mf.precision == "int4"
     in_memory = quantize_model(tiny_model(CYCLES, seed=51), "int4")
     tokens = torch.arange(30) * 11 % CYCLES.vocab_size
     a = loaded.forward(tokens, loaded.new_state(), all_logits=True)
     b = in_memory.forward(tokens, in_memory.new_state(), all_logits=True)
     assert torch.equal(a, b)
+    # the packed layout was cached beside the file; a second load runs from it and answers the same
+    [cache] = [p for p in tmp_path.iterdir() if ".int4pack-torch-" in p.name and not p.name.endswith(".verified")]
+    again, _ = load_file(path)
+    assert torch.equal(again.forward(tokens, again.new_state(), all_logits=True), a)
+    cache.write_bytes(b"junk")  # a damaged cache is rebuilt, never trusted
+    third, _ = load_file(path)
+    assert torch.equal(third.forward(tokens, third.new_state(), all_logits=True), a)
 
 
 def test_verification_is_remembered_until_the_file_changes(tmp_path, sources):
