@@ -246,11 +246,10 @@ def convert(source: str | Path, precision: str, output: str | Path) -> Path:
     return output
 
 
-def load_file(path: str | Path, device: str = "cpu", verify: bool = True) -> tuple[Griffin, modelfile.ModelFile]:
+def load_file(path: str | Path, device: str = "cpu") -> tuple[Griffin, modelfile.ModelFile]:
     """Build the network from a model file: tensors are mmap views (copied only to move off the CPU)."""
     mf = modelfile.open_file(path)
-    if verify:
-        mf.verify()
+    mf.verify()
     precision = check_precision(mf.precision)
     with torch.device("meta"):
         model = swap_modules_(Griffin(mf.config, dtype_of(precision)), precision)

@@ -38,3 +38,19 @@ def test_bench_json_is_one_line_on_stdout(tiny_preset):
 
 def test_bandwidth_is_plausible():
     assert 0.1 < measure_bandwidth(torch.device("cpu"), nbytes=64 << 20, repeats=2) < 10_000
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "int4"])
+def test_bench_saves_and_benches_a_model_file(tiny_preset, tmp_path, precision):
+    path = tmp_path / f"random-{precision}.safetensors"
+    out = CliRunner().invoke(app, ["bench", "--precision", precision, "--save", str(path)])
+    assert out.exit_code == 0, out.output
+    shown = CliRunner().invoke(app, ["show", str(path)])
+    assert f"precision: {precision}" in shown.stdout
+    out = CliRunner().invoke(app, ["bench", "--model", str(path), "--prompt-tokens", "20", "--gen-tokens", "3",
+                                   "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["precision"] == precision and data["shape"] == "random-2b"
+    assert data["load_s"] >= 0 and data["decode_tok_s"] > 0
+    assert data["startup_s"] is None or data["startup_s"] > 0
