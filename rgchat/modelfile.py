@@ -153,18 +153,28 @@ class ModelFile:
         expected = json.loads(self.metadata["tensor_sha256"])
         if set(expected) != set(self.entries):
             raise RGChatError(f"{self.path}: the checksum list does not match the tensors: file damaged")
-        view = memoryview(self.buffer)
+        with memoryview(self.buffer) as view:
 
-        def digest(name: str) -> str:
-            begin, end = self.entries[name]["data_offsets"]
-            return hashlib.sha256(view[self.data_start + begin:self.data_start + end]).hexdigest()
+            def digest(name: str) -> str:
+                begin, end = self.entries[name]["data_offsets"]
+                return hashlib.sha256(view[self.data_start + begin:self.data_start + end]).hexdigest()
 
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            for name, got in zip(expected, pool.map(digest, expected)):
-                if got != expected[name]:
-                    raise RGChatError(f"{self.path}: tensor {name} fails its checksum: the file is damaged; "
-                                      "convert or download it again")
-        view.release()
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                for name, got in zip(expected, pool.map(digest, expected)):
+                    if got != expected[name]:
+                        raise RGChatError(f"{self.path}: tensor {name} fails its checksum: the file is damaged; "
+                                          "convert or download it again")
+
+
+def _valid_entry(entry) -> bool:
+    """A header entry whose dtype is known and whose byte range matches its shape."""
+    try:
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        begin, end = (int(v) for v in entry["data_offsets"])
+        numel = torch.Size([int(d) for d in entry["shape"]]).numel()
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return False
+    return 0 <= begin <= end and end - begin == numel * torch.empty(0, dtype=dtype).element_size()
 
 
 def open_file(path: str | Path, file_format: str = FORMAT) -> ModelFile:
@@ -182,8 +192,10 @@ def open_file(path: str | Path, file_format: str = FORMAT) -> ModelFile:
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise RGChatError(f"{path}: not a readable rgchat model file ({e})") from None
+    if not isinstance(header, dict):
+        raise RGChatError(f"{path}: not an rgchat model file (bad header)")
     metadata = header.pop("__metadata__", None) or {}
-    if metadata.get("format") != file_format:
+    if not isinstance(metadata, dict) or metadata.get("format") != file_format:
         raise RGChatError(f"{path}: a safetensors file, but not an rgchat model file "
                           "(convert checkpoints with `rgchat convert`)")
     try:
@@ -195,6 +207,9 @@ def open_file(path: str | Path, file_format: str = FORMAT) -> ModelFile:
     if version < 1 or not {"config", "precision", "tensor_sha256"} <= set(metadata):
         raise RGChatError(f"{path}: rgchat model file with missing or bad metadata")
     data_start = 8 + header_len
+    for name, entry in header.items():
+        if not _valid_entry(entry):
+            raise RGChatError(f"{path}: damaged header entry for tensor {name!r}")
     end = max((e["data_offsets"][1] for e in header.values()), default=0)
     if data_start + end != size:
         raise RGChatError(f"{path}: truncated or padded ({size} bytes, header says {data_start + end})")

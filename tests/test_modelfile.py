@@ -99,6 +99,16 @@ def test_damaged_files_are_refused(tmp_path, sources):
     with pytest.raises(RGChatError):
         load_file(garbage)
 
+    header, data = split(good)
+    for damage in ([1, 2], {**header, "embed_tokens.weight": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}},
+                   {**header, "embed_tokens.weight": {**header["embed_tokens.weight"], "data_offsets": [9, 3]}}):
+        bad = tmp_path / "bad-header.safetensors"
+        blob = json.dumps(damage).encode()
+        blob += b" " * (-len(blob) % 8)
+        bad.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+        with pytest.raises(RGChatError):
+            load_file(bad)
+
 
 def test_failed_conversion_leaves_existing_output_untouched(tmp_path, sources, tokenizer_path):
     _, hf_dir, _ = sources
