@@ -206,6 +206,14 @@ def open_file(path: str | Path, file_format: str = FORMAT) -> ModelFile:
         raise RGChatError(f"{path}: written by a newer rgchat (model format {version}); upgrade rgchat")
     if version < 1 or not {"config", "precision", "tensor_sha256"} <= set(metadata):
         raise RGChatError(f"{path}: rgchat model file with missing or bad metadata")
+    try:  # every structured field parses now, so later use cannot fail half way
+        GriffinConfig.from_dict(json.loads(metadata["config"]))
+        hashes = json.loads(metadata["tensor_sha256"])
+        json.loads(metadata.get("source", "{}"))
+        if not isinstance(hashes, dict):
+            raise ValueError("tensor_sha256 is not an object")
+    except (ValueError, TypeError, AttributeError, ZeroDivisionError, RGChatError) as e:
+        raise RGChatError(f"{path}: rgchat model file with damaged metadata ({e})") from None
     data_start = 8 + header_len
     for name, entry in header.items():
         if not _valid_entry(entry):

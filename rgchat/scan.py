@@ -29,8 +29,8 @@ def rglru_torch(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, a_s
 
     x, gate_x, gate_a: [T, L] (the gates before their sigmoid); a_scale: [L] float32, -8 * softplus(a_param);
     h: [L] float32 carry, updated in place; reset: [T] bool, True where a document starts.
-    Returns y [T, L] in x's dtype; x is consumed (a backend may write y into its buffer). All element-wise math is float32 like the carry (float64 for float64
-    inputs and carry, which is how the tests compute the exact reference).
+    Returns y [T, L] in x's dtype; x is consumed (a backend may write y into its buffer). All element-wise
+    math is float32 like the carry (float64 for a float64 carry: how the tests compute the exact reference).
     """
     acc = h.dtype
     log_a = a_scale.to(acc) * torch.sigmoid(gate_a.to(acc))

@@ -161,3 +161,33 @@ def test_verification_is_remembered_until_the_file_changes(tmp_path, sources):
         f.write(bytes([byte[0] ^ 0x10]))
     with pytest.raises(RGChatError, match="checksum"):
         load_file(path)
+
+
+def test_mutated_files_never_crash_the_loader_nor_pass_with_a_damaged_payload(tmp_path, sources):
+    """Fuzz: any byte changed anywhere gives a clean refusal or a load; in the tensor data, always a refusal."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    _, hf_dir, _ = sources
+    good = convert(hf_dir, "int8", tmp_path / "m.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", good[:8])
+    data_start = 8 + header_len
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(1, 255)), min_size=1, max_size=4,
+                    unique_by=lambda flip: flip[0]))
+    def check(flips):
+        raw = bytearray(good)
+        for at, xor in flips:
+            raw[at] ^= xor
+        path = tmp_path / "fuzz" / "m.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(bytes(raw))
+        path.with_name(path.name + ".verified").unlink(missing_ok=True)
+        try:
+            load_file(path)
+        except RGChatError:
+            return
+        assert all(at < data_start for at, _ in flips), "a damaged payload was accepted"
+
+    check()
