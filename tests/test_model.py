@@ -125,3 +125,23 @@ def test_bf16_stays_close_to_f32():
     assert all(layer.h.dtype == torch.float32 for layer in model16.new_state().layers if hasattr(layer, "h"))
     agreement = (a.argmax(-1) == b.argmax(-1)).float().mean()
     assert agreement > 0.8
+
+
+def test_long_prompts_are_processed_in_bounded_chunks(monkeypatch):
+    """A prompt of any length runs as chunks of at most `chunk_size` tokens: no T x T scores, no T-sized
+    activations for all layers at once."""
+    config = GriffinConfig(**{**CYCLES.to_dict(), "window": 64})
+    model = tiny_model(config, seed=15)
+    seen = []
+    forward = Griffin.forward
+
+    def recording(self, tokens, state, all_logits=False):
+        seen.append((tokens.shape[0], state.pos))
+        return forward(self, tokens, state, all_logits)
+
+    monkeypatch.setattr(Griffin, "forward", recording)
+    state = model.new_state()
+    model.prefill(random_tokens(3000, config.vocab_size, seed=16), state, chunk_size=256)
+    assert max(n for n, _ in seen) == 256 and sum(n for n, _ in seen) == 3000 and state.pos == 3000
+    assert [pos for _, pos in seen] == list(range(0, 3000, 256))
+    assert state.layers[2].k.shape[0] == 64  # the attention memory is the window, whatever the length
