@@ -33,10 +33,14 @@ def test_int8_linear_equals_dequantized_matmul(rows):
     layer = Int8Linear(160, 96, True, torch.bfloat16)
     layer.weight.copy_(q), layer.scale.copy_(scale)
     layer.bias = torch.nn.Parameter(bias.bfloat16(), requires_grad=False)
-    x = torch.randn(rows, 160).bfloat16()
-    want = F.linear(x.float(), dequantize_int8(q, scale), bias.bfloat16().float())
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    xf = x.float()
+    if rows == 1:  # decode rounds the activation row to int8 too: the exact product of what it multiplies
+        x_scale = xf.abs().amax(-1, keepdim=True) / 127
+        xf = torch.round(xf / x_scale) * x_scale
+    want = F.linear(xf, dequantize_int8(q, scale), bias.bfloat16().float())
     got = layer(x).float()
-    assert (got - want).abs().max() / want.abs().max() < 2e-2  # bf16 activations and output
+    assert (got - want).abs().max() / want.abs().max() < 2e-2  # bf16 output rounding
 
 
 def test_int8_embedding_reads_rows_and_gives_logits():
@@ -74,16 +78,16 @@ def test_int8_model_logits_stay_close_to_f32():
     assert (stepped.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 
 
-def test_int8_matvec_uses_integer_activations_within_a_percent():
-    w = random_matrix(rows=64, cols=256, seed=6)
+def test_int8_matvec_rounds_the_activations_within_a_few_percent():
+    w = torch.randn(64, 2560, generator=torch.Generator().manual_seed(6))
     q, scale = quantize_int8(w)
-    layer = Int8Linear(256, 64, False, torch.bfloat16)
+    layer = Int8Linear(2560, 64, False, torch.bfloat16)
     layer.weight.copy_(q), layer.scale.copy_(scale)
-    x = torch.randn(1, 256).bfloat16()
+    x = torch.randn(1, 2560, generator=torch.Generator().manual_seed(7)).bfloat16()
     want = x.float() @ dequantize_int8(q, scale).T
     got = layer(x).float()
-    error = float((got - want).abs().max() / want.abs().max())
-    assert 0 < error < 3e-2  # not bit-equal to the float product: the activations were rounded to int8
+    error = float((got - want).norm() / want.norm())
+    assert 0 < error < 2e-2, error  # not bit-equal to the float product: the activations were rounded
 
 
 def test_int4_round_trip_error_is_at_most_half_a_step():
