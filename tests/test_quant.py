@@ -16,6 +16,13 @@ def random_matrix(rows=96, cols=160, seed=0):
     return w
 
 
+def as_decode_rounds(x: torch.Tensor) -> torch.Tensor:
+    """A single activation row as the int8 decode path sees it: rounded to int8 with one scale."""
+    xf = x.float()
+    x_scale = xf.abs().amax(-1, keepdim=True) / 127
+    return torch.round(xf / x_scale) * x_scale
+
+
 def test_int8_round_trip_error_is_at_most_half_a_step():
     w = random_matrix()
     q, scale = quantize_int8(w)
@@ -28,16 +35,13 @@ def test_int8_round_trip_error_is_at_most_half_a_step():
 
 @pytest.mark.parametrize("rows", [1, INT8_KERNEL_MAX_ROWS, 33])  # the int8 kernel and the dequantizing path
 def test_int8_linear_equals_dequantized_matmul(rows):
-    w, bias = random_matrix(seed=1), torch.randn(96)
+    w, bias = random_matrix(seed=1), torch.randn(96, generator=torch.Generator().manual_seed(9))
     q, scale = quantize_int8(w)
     layer = Int8Linear(160, 96, True, torch.bfloat16)
     layer.weight.copy_(q), layer.scale.copy_(scale)
     layer.bias = torch.nn.Parameter(bias.bfloat16(), requires_grad=False)
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)).bfloat16()
-    xf = x.float()
-    if rows == 1:  # decode rounds the activation row to int8 too: the exact product of what it multiplies
-        x_scale = xf.abs().amax(-1, keepdim=True) / 127
-        xf = torch.round(xf / x_scale) * x_scale
+    xf = as_decode_rounds(x) if rows == 1 else x.float()
     want = F.linear(xf, dequantize_int8(q, scale), bias.bfloat16().float())
     got = layer(x).float()
     assert (got - want).abs().max() / want.abs().max() < 2e-2  # bf16 output rounding
@@ -51,8 +55,8 @@ def test_int8_embedding_reads_rows_and_gives_logits():
     tokens = torch.tensor([0, 3, 299, 3])
     deq = dequantize_int8(q, scale)
     assert torch.allclose(emb.lookup(tokens).float(), deq[tokens], rtol=1e-2, atol=1e-2)
-    x = torch.randn(1, 64).bfloat16()
-    want = x.float() @ deq.T
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(8)).bfloat16()
+    want = as_decode_rounds(x) @ deq.T  # one row: the integer path
     assert (emb.logits(x).float() - want).abs().max() / want.abs().max() < 2e-2
 
 
@@ -101,7 +105,7 @@ def test_int4_round_trip_error_is_at_most_half_a_step():
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_int4_linear_and_embedding_equal_dequantized_math(rows):
-    w, bias = random_matrix(rows=96, cols=160, seed=5), torch.randn(96)
+    w, bias = random_matrix(rows=96, cols=160, seed=5), torch.randn(96, generator=torch.Generator().manual_seed(10))
     q, scale, zero = quantize_int4(w)
     deq = dequantize_int4(q, scale, zero)
     layer = Int4Linear(160, 96, True, torch.bfloat16)
@@ -111,7 +115,7 @@ def test_int4_linear_and_embedding_equal_dequantized_math(rows):
     emb.weight, emb.scale, emb.zero = q, scale, zero
     prepare_model_(layer), prepare_model_(emb)
     assert layer.runtime[0] == "cpu" and layer.weight.numel() == 0  # repacked for torch's CPU kernel
-    x = torch.randn(rows, 160).bfloat16()
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)).bfloat16()
     want = F.linear(x.float(), deq, bias.bfloat16().float())
     assert (layer(x).float() - want).abs().max() / want.abs().max() < 2e-2
     tokens = torch.tensor([0, 95, 7])
