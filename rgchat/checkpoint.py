@@ -1,7 +1,8 @@
 """Reading RecurrentGemma checkpoints: a Hugging Face folder (safetensors) or the official PyTorch `.pt`.
 
-Both are read tensor by tensor and converted to the target dtype as they arrive, so loading never needs
-much more memory than the finished model. Names are mapped to transformers' names (without `model.`).
+Both are read tensor by tensor and converted into one rgchat model file as they arrive, so conversion
+never needs much more memory than its output; the model file is then loaded by mmap. Names are mapped to
+transformers' names (without `model.`).
 """
 
 from __future__ import annotations
@@ -158,27 +159,6 @@ class Checkpoint:
                             yield name, f.get_tensor(key)
             except (SafetensorError, OSError) as e:
                 raise RGChatError(f"{file}: unreadable safetensors file ({e})") from None
-
-
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Griffin, Checkpoint]:
-    """Build the network from a checkpoint: weights converted to `dtype` tensor by tensor, on `device`."""
-    ckpt = Checkpoint(path)
-    with torch.device("meta"):
-        model = Griffin(ckpt.config, dtype)
-    expected = {name: p.shape for name, p in model.named_parameters()}
-    weights: dict[str, torch.Tensor] = {}
-    for name, tensor in ckpt.tensors():
-        if name not in expected:
-            raise RGChatError(f"{ckpt.path}: unexpected tensor {name!r} for this configuration")
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise RGChatError(f"{ckpt.path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                              f"expected {tuple(expected[name])}")
-        weights[name] = tensor.to(device=device, dtype=dtype).contiguous()
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise RGChatError(f"{ckpt.path}: missing {len(missing)} tensors, e.g. {missing[0]}")
-    model.load_state_dict(weights, assign=True, strict=True)
-    return model.eval(), ckpt
 
 
 # --- converted model files ------------------------------------------------------------------------------

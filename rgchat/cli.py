@@ -69,7 +69,7 @@ def run(
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Generate a continuation (or one chat answer) and stream it to stdout."""
-    from rgchat.checkpoint import load_file
+    from rgchat.checkpoint import TOKENIZER_FILE, load_file
     from rgchat.generate import generate
     from rgchat.sampling import Sampler
     from rgchat.store import resolve
@@ -84,9 +84,10 @@ def run(
     if precision and mf.precision != precision.value:
         raise RGChatError(f"{path} holds {mf.precision} weights, not {precision.value}: "
                           f"convert the original checkpoint with --precision {precision.value}")
-    tokenizer = Tokenizer(path.parent / "tokenizer.model")
+    tokenizer_path = path.parent / TOKENIZER_FILE
+    tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > engine.config.vocab_size:
-        raise RGChatError(f"{path.parent / 'tokenizer.model'}: tokenizer has {tokenizer.vocab_size} pieces but "
+        raise RGChatError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} pieces but "
                           f"the model only {engine.config.vocab_size}: wrong tokenizer for this model")
     use_chat = chat or (not raw and mf.metadata.get("name", "").endswith("-it"))
     if prompt is None and not sys.stdin.isatty():  # `echo question | rgchat run MODEL`

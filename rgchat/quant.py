@@ -81,7 +81,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.to(dtype) * scale.to(dtype)[:, None]).to(dtype)
+    return q.to(dtype) * scale.to(dtype)[:, None]
 
 
 # One row (decode) runs all-integer (`_int8_matvec`); up to this many rows torch's weight-only int8 kernel

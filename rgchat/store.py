@@ -48,7 +48,7 @@ def read_entry(name: str) -> Entry:
     path = entry_path(name)
     mf = modelfile.open_file(path)
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
-    return Entry(name, path, mf.precision, size, json.loads(mf.metadata.get("source", "{}")).get("path", "?"))
+    return Entry(name, path, mf.precision, size, mf.source.get("path", "?"))
 
 
 def list_entries() -> list[Entry]:
@@ -76,7 +76,7 @@ def _same_source(path: Path, source: Path) -> bool:
     from rgchat import modelfile
 
     try:
-        recorded = json.loads(modelfile.open_file(path).metadata.get("source", "{}"))
+        recorded = modelfile.open_file(path).source
     except RGChatError:
         return False
     if recorded.get("path") != str(source.resolve()):

@@ -5,9 +5,15 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import BLOCKS, CYCLES, official_state_dict, tiny_model, write_hf_folder, write_official
-from rgchat.checkpoint import Checkpoint, load_model
+from rgchat.checkpoint import Checkpoint, convert, load_file
 from rgchat.config import from_hf_shapes
 from rgchat.errors import RGChatError
+
+
+def load_checkpoint(path, out_folder, precision="f32"):
+    """A checkpoint as `rgchat run` loads it: converted (f32 is lossless), then the model file loaded."""
+    out = out_folder / f"{path.name}-{precision}" / "model.safetensors"
+    return load_file(convert(path, precision, out))[0]
 
 
 def logits_of(model, n=24):
@@ -21,9 +27,10 @@ def test_hf_folder_and_official_pt_give_identical_logits(tmp_path, tokenizer_pat
     hf_dir = write_hf_folder(model, tmp_path / "hf", tokenizer_path, shards=3)
     pt_file = write_official(model, tmp_path / "kaggle", tokenizer_path)
 
-    from_hf, hf_ckpt = load_model(hf_dir)
-    from_pt, pt_ckpt = load_model(pt_file)
-    from_pt_folder, _ = load_model(pt_file.parent)  # the folder holding the .pt works too
+    hf_ckpt, pt_ckpt = Checkpoint(hf_dir), Checkpoint(pt_file)
+    from_hf = load_checkpoint(hf_dir, tmp_path / "out-hf")
+    from_pt = load_checkpoint(pt_file, tmp_path / "out-pt")
+    from_pt_folder = load_checkpoint(pt_file.parent, tmp_path / "out-folder")  # the folder holding the .pt
     assert hf_ckpt.config == pt_ckpt.config == config
     assert pt_ckpt.tokenizer_path.exists() and hf_ckpt.tokenizer_path.exists()
     expected = logits_of(model)
@@ -36,7 +43,7 @@ def test_single_file_safetensors_and_bf16_load(tmp_path, tokenizer_path):
     model = tiny_model(CYCLES, seed=22)
     folder = write_hf_folder(model, tmp_path / "hf", tokenizer_path, shards=1)
     (folder / "model.safetensors.index.json").unlink()
-    loaded, _ = load_model(folder, dtype=torch.bfloat16)
+    loaded = load_checkpoint(folder, tmp_path, "bf16")
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
     assert all(layer.h.dtype == torch.float32 for layer in loaded.new_state().layers if hasattr(layer, "h"))
 
@@ -57,7 +64,7 @@ def test_pickled_object_in_pt_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"embedder.input_embedding": torch.zeros(2, 2), "x": Payload()}, path)
     with pytest.raises(RGChatError, match="refused"):
-        load_model(path)
+        load_checkpoint(path, tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "wrong_shape", "missing_tensor", "bad_config", "unknown_model"])
@@ -84,7 +91,7 @@ def test_damaged_hf_folder_is_refused(tmp_path, tokenizer_path, damage):
     elif damage == "unknown_model":
         (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(RGChatError):
-        load_model(folder)
+        load_checkpoint(folder, tmp_path)
 
 
 def test_missing_path_and_non_checkpoint(tmp_path):
