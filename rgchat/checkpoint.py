@@ -257,8 +257,7 @@ PACK_CACHE_FORMAT = "rgchat-int4-pack-cache"
 
 
 def _model_stamp(mf: modelfile.ModelFile) -> str:
-    st = mf.path.stat()
-    return json.dumps([st.st_size, st.st_mtime_ns, st.st_ino, mf.metadata["tensor_sha256"]])
+    return json.dumps([mf.stamp(), mf.metadata["tensor_sha256"]], sort_keys=True)
 
 
 def _read_pack_cache(path: Path, mf: modelfile.ModelFile) -> dict[str, torch.Tensor] | None:

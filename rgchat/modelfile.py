@@ -124,7 +124,8 @@ class ModelFile:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: self.tensor(name) for name in self.entries}
 
-    def _stamp(self) -> dict:
+    def stamp(self) -> dict:
+        """Identifies the file as it is on disk now: any write changes it."""
         st = self.path.stat()
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
@@ -136,7 +137,7 @@ class ModelFile:
         """
         stamp_file = self.path.with_name(self.path.name + ".verified")
         try:
-            if remember and json.loads(stamp_file.read_text()) == self._stamp():
+            if remember and json.loads(stamp_file.read_text()) == self.stamp():
                 return
         except (OSError, ValueError):
             pass
@@ -144,7 +145,7 @@ class ModelFile:
         if remember:
             try:
                 tmp = stamp_file.with_name(f".{stamp_file.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(self._stamp()))
+                tmp.write_text(json.dumps(self.stamp()))
                 os.replace(tmp, stamp_file)
             except OSError:  # a read-only folder: verify again next time
                 pass
