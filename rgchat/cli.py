@@ -14,7 +14,9 @@ import typer
 
 from rgchat import device as device_lib
 from rgchat.config import PRESETS
-from rgchat.errors import RGChatError
+from rgchat import sampling
+from rgchat.chat import MAX_TOKENS
+from rgchat.errors import RGChatError, UsageError
 from rgchat.quant import PRECISIONS
 
 app = typer.Typer(
@@ -33,7 +35,7 @@ def user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except RGChatError as e:
             print(f"rgchat: error: {e}", file=sys.stderr)
-            raise typer.Exit(1) from None
+            raise typer.Exit(2 if isinstance(e, UsageError) else 1) from None
         except KeyboardInterrupt:
             print("rgchat: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
@@ -56,55 +58,54 @@ DeviceOpt = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then
 def run(
     model: Annotated[str, typer.Argument(help="A model in the store, a model file, or a checkpoint (Hugging Face "
                                               "folder or official .pt), converted into the store once.")],
-    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue (raw) or to ask (chat).")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="Ask this and exit (stdin, when piped, is appended). "
+                                                         "Without it, a terminal gets the interactive chat.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Continue the text as is, no chat template.")] = False,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in Gemma's chat template.")] = False,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens (0: all).")] = 0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
+    chat: Annotated[bool, typer.Option("--chat", help="Use Gemma's chat template (default for -it models).")] = False,
+    system: Annotated[Optional[str], typer.Option(help="Instructions put at the head of the first user turn.")] = None,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = sampling.TEMPERATURE,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens (0: all).")] = sampling.TOP_K,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (1: off).")] = sampling.TOP_P,
+    min_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Drop tokens less likely than this times the "
+                                                               "likeliest (0: off).")] = sampling.MIN_P,
+    repeat_penalty: Annotated[float, typer.Option(min=0.01, help=f"Penalise the last {sampling.REPEAT_WINDOW} "
+                                                               "tokens (1: off).")] = sampling.REPEAT_PENALTY,
+    seed: Annotated[Optional[int], typer.Option(help="Seed: the same seed and input give the same output.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = MAX_TOKENS,
+    stop: Annotated[Optional[list[str]], typer.Option(help="End the answer at this text (repeatable).")] = None,
+    lines: Annotated[bool, typer.Option("--lines", help="Each stdin line is one user turn of one conversation; "
+                                                       "each answer ends with a newline.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timings and memory on stderr.")] = False,
+    stats_json: Annotated[bool, typer.Option("--stats-json", help="Print each answer's stats as a JSON line "
+                                                                 "on stderr.")] = False,
     precision: Annotated[Optional[Precision], typer.Option(
-        help="Weights to convert a checkpoint to [default: int8 on CPU and MPS, bf16 on CUDA].")] = None,
+        help="Weights to convert a checkpoint to (by default int8, or bf16 on CUDA).")] = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
-    """Generate a continuation (or one chat answer) and stream it to stdout."""
-    from rgchat.checkpoint import TOKENIZER_FILE, load_file
-    from rgchat.generate import generate
-    from rgchat.sampling import Sampler
-    from rgchat.store import resolve
-    from rgchat.tokenizer import StreamingDetokenizer, Tokenizer
+    """Chat with a model: interactively in a terminal, or answer PROMPT and/or stdin and exit."""
+    from rgchat import chat as chat_lib
+    from rgchat import pipe
 
     if raw and chat:
         raise typer.BadParameter("--raw and --chat exclude each other")
-    dev = device_lib.resolve(device.value)
-    wanted = precision.value if precision else ("bf16" if dev.type == "cuda" else "int8")
-    path = resolve(model, wanted, log=lambda line: print(line, file=sys.stderr))
-    engine, mf = load_file(path, str(dev))
-    if precision and mf.precision != precision.value:
-        raise RGChatError(f"{path} holds {mf.precision} weights, not {precision.value}: "
-                          f"convert the original checkpoint with --precision {precision.value}")
-    tokenizer_path = path.parent / TOKENIZER_FILE
-    tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > engine.config.vocab_size:
-        raise RGChatError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} pieces but "
-                          f"the model only {engine.config.vocab_size}: wrong tokenizer for this model")
-    use_chat = chat or (not raw and mf.metadata.get("name", "").endswith("-it"))
-    if prompt is None and not sys.stdin.isatty():  # `echo question | rgchat run MODEL`
-        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
-    prompt = prompt or ""
-    ids = [tokenizer.bos_id] + (tokenizer.chat_prompt(prompt) if use_chat else tokenizer.encode(prompt))
-    stop_ids = {tokenizer.eos_id} | ({tokenizer.end_of_turn_id} if use_chat else set())
-    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    vocab = tokenizer.vocab_size  # a model's embedding may have rows past the tokenizer's pieces: never pick those
-    detok = StreamingDetokenizer(tokenizer)
-    for token in generate(engine, engine.new_state(), ids, max_tokens, lambda l: sampler(l[:vocab]), stop_ids):
-        if token in stop_ids:
-            break
-        sys.stdout.write(detok.add(token))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
-    sys.stdout.flush()
+    interactive = prompt is None and not lines and sys.stdin.isatty() and sys.stdout.isatty()
+    loaded = chat_lib.load(model, precision.value if precision else None, device_lib.resolve(device.value),
+                           log=lambda line: print(line, file=sys.stderr))
+    sampler = sampling.Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, sampler, max_tokens=max_tokens, system=system,
+                                   stop=tuple(stop or ()), template=chat or (loaded.instruction_tuned and not raw))
+    if interactive:
+        from rich.console import Console
+
+        from rgchat.repl import Repl
+
+        Repl(session, loaded.name, Console(highlight=False), verbose).run()
+    elif lines:
+        pipe.answer_lines(session, sys.stdin.buffer, sys.stdout, sys.stderr, verbose, stats_json)
+    else:
+        stdin = None if sys.stdin.isatty() and prompt is not None else sys.stdin.buffer
+        text = pipe.read_prompt(prompt, stdin, sys.stderr)
+        pipe.answer(session, text, sys.stdout, sys.stderr, verbose, stats_json)
 
 
 @app.command()

@@ -1,31 +1,46 @@
-"""Choosing the next token from logits: greedy, or temperature with top-k / top-p, seeded."""
+"""Choosing the next token from logits: repetition penalty, then greedy, or temperature with top-k, top-p
+and min-p filters, drawn from a seeded generator."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import torch
+
+# Defaults for chat, close to what llama.cpp and ollama ship; `rgchat run --help` shows them.
+TEMPERATURE = 0.8
+TOP_K = 40
+TOP_P = 0.95
+MIN_P = 0.05
+REPEAT_PENALTY = 1.0  # off: Gemma needs none
+REPEAT_WINDOW = 64  # the penalty looks at this many recent tokens (bounded memory, as llama.cpp's last_n)
 
 
 @dataclasses.dataclass
 class Sampler:
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 means no limit
-    top_p: float = 1.0
+    temperature: float = TEMPERATURE  # 0 means greedy
+    top_k: int = TOP_K  # 0 means no limit
+    top_p: float = TOP_P  # 1 means no limit
+    min_p: float = MIN_P  # drop tokens less likely than min_p times the likeliest; 0 means no limit
+    repeat_penalty: float = REPEAT_PENALTY  # > 1 makes recently seen tokens less likely; 1 means off
     seed: int | None = None
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
-        if self.seed is not None:
-            self.generator.manual_seed(self.seed)
-        else:
-            self.generator.seed()
+        self.reseed(self.seed)
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        logits = logits.float().cpu()
-        if self.temperature <= 0:
-            return int(torch.argmax(logits))
-        logits = logits / self.temperature
+    def reseed(self, seed: int | None) -> None:
+        """Start the random stream again: from `seed`, or from fresh entropy when None."""
+        self.seed = seed
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def probabilities(self, logits: torch.Tensor, recent: Iterable[int] = ()) -> torch.Tensor:
+        """The distribution the next token is drawn from (temperature > 0), after every filter."""
+        logits = self.penalized(logits, recent) / self.temperature
         if 0 < self.top_k < logits.numel():
             kth = torch.topk(logits, self.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -36,4 +51,23 @@ class Sampler:
             drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= self.top_p
             sorted_probs[drop] = 0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        if self.min_p > 0:
+            probs = probs.masked_fill(probs < self.min_p * probs.max(), 0)
+        return probs / probs.sum()
+
+    def penalized(self, logits: torch.Tensor, recent: Iterable[int]) -> torch.Tensor:
+        """CTRL's repetition penalty: a recent token's logit is divided by the penalty when positive and
+        multiplied by it when negative, so it always becomes less likely."""
+        logits = logits.float().cpu()
+        seen = torch.tensor(sorted(set(recent)), dtype=torch.long)
+        if self.repeat_penalty == 1.0 or seen.numel() == 0:
+            return logits
+        logits = logits.clone()
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / self.repeat_penalty, picked * self.repeat_penalty)
+        return logits
+
+    def __call__(self, logits: torch.Tensor, recent: Iterable[int] = ()) -> int:
+        if self.temperature <= 0:
+            return int(torch.argmax(self.penalized(logits, recent)))
+        return int(torch.multinomial(self.probabilities(logits, recent), 1, generator=self.generator))

@@ -4,7 +4,10 @@ published formats (Hugging Face folder, official .pt), all built fresh: nothing 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,26 @@ A linear recurrence runs beside local attention; the window is two thousand and 
 Über café naïve façade — 日本語のテキスト, emoji 🙂 and numbers 12345 mix with plain words.
 Chat turns start with a marker and end with another; the model answers after its own marker.
 """
+
+
+def greedy_tokens(model: Griffin, prompt: list[int], n: int, stop_ids: set[int] = frozenset()) -> list[int]:
+    """The reference decode loop: prefill, then argmax and step; ends after a stop id (included) or n tokens."""
+    state = model.new_state()
+    logits = model.prefill(torch.tensor(prompt, dtype=torch.long), state)
+    out: list[int] = []
+    while len(out) < n:
+        out.append(int(torch.argmax(logits)))
+        if out[-1] in stop_ids:
+            break
+        logits = model.step(out[-1], state)
+    return out
+
+
+def run_cli(*args: str, stdin: str | bytes = "") -> subprocess.CompletedProcess:
+    """`rgchat ARGS` in a subprocess as users run it (stdin a pipe), with text or bytes in and out."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "rgchat", *args], input=stdin, capture_output=True,
+                          text=isinstance(stdin, str), env=env, timeout=120)
 
 
 @pytest.fixture(autouse=True)

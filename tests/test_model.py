@@ -1,15 +1,10 @@
 import pytest
 import torch
 
-from conftest import BLOCKS, CYCLES, tiny_model, transformers_model
+from conftest import BLOCKS, CYCLES, greedy_tokens, tiny_model, transformers_model
 from rgchat.config import ATTENTION, PRESETS, RECURRENT, GriffinConfig
-from rgchat.generate import generate
 from rgchat.model import Griffin
 from rgchat.state import State
-
-
-def greedy(logits: torch.Tensor) -> int:
-    return int(torch.argmax(logits))
 
 
 def random_tokens(n: int, vocab: int, seed: int) -> torch.Tensor:
@@ -34,7 +29,7 @@ def test_greedy_generation_matches_transformers(config):
     model = tiny_model(config, seed=3)
     hf = transformers_model(model)
     prompt = random_tokens(7, config.vocab_size, seed=4)
-    ours = list(generate(model, model.new_state(), prompt.tolist(), 40, greedy))
+    ours = greedy_tokens(model, prompt.tolist(), 40)
     with torch.no_grad():
         theirs = hf.generate(prompt[None], max_new_tokens=40, do_sample=False, min_new_tokens=40)[0, 7:].tolist()
     assert ours == theirs

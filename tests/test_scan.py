@@ -69,15 +69,14 @@ def test_native_bf16_inputs_keep_a_float32_carry(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_model_greedy_output_is_the_same_with_either_scan(monkeypatch, device):
-    from conftest import BLOCKS, tiny_model
-    from rgchat.generate import generate
+    from conftest import BLOCKS, greedy_tokens, tiny_model
 
     model = tiny_model(BLOCKS, seed=41).to(device)
     prompt = torch.randint(0, BLOCKS.vocab_size, (300,), generator=torch.Generator().manual_seed(42)).tolist()
     outputs = {}
     for choice in ("native", "torch"):
         monkeypatch.setenv(scan.ENV_VAR, choice)
-        outputs[choice] = list(generate(model, model.new_state(), prompt, 40, lambda l: int(l.argmax())))
+        outputs[choice] = greedy_tokens(model, prompt, 40)
     assert outputs["native"] == outputs["torch"]
     assert len(set(outputs["native"])) > 5
 

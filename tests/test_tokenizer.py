@@ -37,3 +37,13 @@ def test_chat_prompt_inserts_markers_by_id(tokenizer_path):
     assert ids[0] == tok.start_of_turn_id and ids.count(tok.end_of_turn_id) == 1
     assert tok.decode(ids[1:ids.index(tok.end_of_turn_id)]) == "user\nhi <start_of_turn> there"
     assert tok.decode(ids[-len(tok.encode("model\n")):]) == "model\n"
+
+
+def test_streaming_keeps_the_first_pieces_leading_space(tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    ids = tok.encode(" quick fox")
+    assert tok.sp.IdToPiece(ids[0]).startswith("\u2581")  # SentencePiece's space marker
+    detok = StreamingDetokenizer(tok)
+    first = detok.add(ids[0])
+    assert first.startswith(" ") or first == ""
+    assert first + "".join(detok.add(i) for i in ids[1:]) + detok.flush() == " quick fox"
