@@ -157,3 +157,40 @@ def time_scan(device: torch.device, precision: str, lengths: tuple[int, ...] = (
             "speedup": round(timings["torch"] / timings["native"], 1) if "native" in timings else None,
         })
     return rows
+
+
+def time_state_file(shape: str, precision: str, folder: Path, repeats: int = 3) -> dict:
+    """Save and load a conversation whose attention windows are full (the largest a state file gets) for
+    a model of `shape`: the file's size and the best of a few save and load (+ restore) times."""
+    from rgchat import statefile
+    from rgchat.chat import ChatSession, Turn
+    from rgchat.sampling import Sampler
+    from rgchat.state import State
+
+    config = config_lib.preset(shape)
+    with torch.device("meta"):
+        model = Griffin(config, dtype_of(precision))
+    session = ChatSession(model, None, Sampler(), template=False)  # no tokenizer needed: nothing is generated
+    gen = torch.Generator().manual_seed(0)
+    state = State.empty(config, dtype_of(precision))
+    for t in state.tensors():
+        t.copy_(torch.randn(t.shape, generator=gen))
+    state.pos = config.window + 1000
+    session.state = state
+    session.transcript = [Turn("user", "x" * state.pos, [5] * state.pos)]
+    identity = {"name": f"random-{shape}", "config": config.to_dict(), "precision": precision,
+                "weights_sha256": "random", "tokenizer_sha256": "none"}
+    path = folder / f"{shape}-{precision}.state"
+    save_s = load_s = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        statefile.save(path, session, identity)
+        save_s = min(save_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        statefile.restore(session, statefile.load_for(path, identity))
+        load_s = min(load_s, time.perf_counter() - t0)
+    size = path.stat().st_size
+    path.unlink()
+    return {"shape": shape, "precision": precision, "tokens": state.pos, "state_bytes": state.nbytes,
+            "file_bytes": size, "file_mib": round(size / 2**20, 2), "save_ms": round(save_s * 1e3, 1),
+            "load_ms": round(load_s * 1e3, 1)}

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import signal
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -33,16 +34,26 @@ class LoadedModel:
     tokenizer: Tokenizer
     name: str
     precision: str
+    weights_sha256: str  # over the model file's per-tensor checksums: names these exact weights
+    tokenizer_sha256: str
+    spec: str  # how the user named it (store name, file or checkpoint path)
 
     @property
     def instruction_tuned(self) -> bool:
         return self.name.endswith("-it")
+
+    def identity(self) -> dict:
+        """What a saved conversation must match to be resumed with this model."""
+        return {"name": self.name, "spec": self.spec, "config": self.model.config.to_dict(),
+                "precision": self.precision, "weights_sha256": self.weights_sha256,
+                "tokenizer_sha256": self.tokenizer_sha256}
 
 
 def load(spec: str, precision: str | None, device: torch.device, log=print) -> LoadedModel:
     """MODEL as `rgchat run` takes it: a store name, a model file, or a checkpoint (converted once to
     `precision`; by default int8, or bf16 on CUDA, where dense bfloat16 matmuls are the fast path)."""
     from rgchat.checkpoint import TOKENIZER_FILE, load_file
+    from rgchat.modelfile import sha256_file
     from rgchat.store import resolve
 
     wanted = precision or ("bf16" if device.type == "cuda" else "int8")
@@ -51,17 +62,21 @@ def load(spec: str, precision: str | None, device: torch.device, log=print) -> L
     if precision and mf.precision != precision:
         raise RGChatError(f"{path} holds {mf.precision} weights, not {precision}: "
                           f"convert the original checkpoint with --precision {precision}")
-    tokenizer = Tokenizer(path.parent / TOKENIZER_FILE)
+    tokenizer_path = path.parent / TOKENIZER_FILE
+    tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise RGChatError(f"{path.parent / TOKENIZER_FILE}: tokenizer has {tokenizer.vocab_size} pieces but "
+        raise RGChatError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} pieces but "
                           f"the model only {model.config.vocab_size}: wrong tokenizer for this model")
-    return LoadedModel(model, tokenizer, mf.metadata.get("name", path.parent.name), mf.precision)
+    weights = hashlib.sha256(mf.metadata["tensor_sha256"].encode()).hexdigest()
+    return LoadedModel(model, tokenizer, mf.metadata.get("name", path.parent.name), mf.precision, weights,
+                       sha256_file(tokenizer_path), spec)
 
 
 @dataclasses.dataclass
 class Turn:
     role: str  # "user" or "model"
     text: str
+    ids: list[int]  # exactly the tokens this turn fed into the state (template markers included)
 
 
 @dataclasses.dataclass
@@ -135,13 +150,18 @@ class ChatSession:
         self.max_tokens, self.system, self.stop = max_tokens, system, stop
         if template and (tokenizer.start_of_turn_id is None or tokenizer.end_of_turn_id is None):
             tokenizer.chat_prompt("")  # raises the clear error
-        self.stop_ids = {tokenizer.eos_id} | ({tokenizer.end_of_turn_id} if template else set())
         self.state = model.new_state()
         self.transcript: list[Turn] = []
         self.recent: deque[int] = deque(maxlen=REPEAT_WINDOW)  # for the repetition penalty
         self.stats = Stats()
         self.interrupted = False  # set (by a signal handler) to stop the answer after the current token
+        self.on_change: Callable[[ChatSession], None] | None = None  # called when the conversation changed
         self._before_last = Snapshot(self.state.clone(), 0, [])
+
+    @property
+    def stop_ids(self) -> set[int]:
+        tok = self.tokenizer
+        return {tok.eos_id} | ({tok.end_of_turn_id} if self.template else set())
 
     # --- the conversation ------------------------------------------------------------------------------
 
@@ -150,7 +170,7 @@ class ChatSession:
         (also when the answer was cut short), `transcript` holds both turns and `stats` what it cost."""
         self._remember()
         ids = self._turn_ids(text)
-        self.transcript.append(Turn("user", text))
+        self.transcript.append(Turn("user", text, ids))
         yield from self._answer(ids)
 
     def regen(self) -> Iterator[str]:
@@ -167,13 +187,49 @@ class ChatSession:
             raise ValueError("nothing to undo")
         self._restore()
         self._before_last.valid = False
+        self._changed()
 
     def clear(self) -> None:
         """A fresh conversation: empty state and transcript."""
+        self._reset()
+        self._changed()
+
+    def resume(self, state: State, transcript: list[Turn], recent: list[int]) -> None:
+        """Continue a saved conversation: its state (copied onto this model's device), transcript, and the
+        recent tokens the repetition penalty looks at."""
+        self.state.copy_(state)
+        self.transcript[:] = transcript
+        self.recent.clear()
+        self.recent.extend(recent)
+        self._before_last.valid = False
+
+    def replay(self, turns: list[Turn], reuse_ids: bool) -> None:
+        """Rebuild the state by prefilling a transcript: with the turns' own token ids (same tokenizer), or
+        with their texts encoded again."""
+        self._reset()
+        close = [self.tokenizer.end_of_turn_id, *self.tokenizer.encode("\n")] if self.template else []
+        for turn in turns:
+            if reuse_ids:
+                ids = turn.ids
+            elif turn.role == "user":
+                ids = self._turn_ids(turn.text)
+            else:
+                ids = self.tokenizer.encode(turn.text) + close
+            if ids:
+                self.model.prefill(torch.tensor(ids, dtype=torch.long), self.state)
+            self.transcript.append(Turn(turn.role, turn.text, ids))
+            if turn.role == "model":
+                self.recent.extend(ids[:len(ids) - len(close)])
+
+    def _reset(self) -> None:
         self.state = self.model.new_state()
         self.transcript.clear()
         self.recent.clear()
         self._before_last.valid = False
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -239,11 +295,14 @@ class ChatSession:
             tail = stop_text.add(detok.flush())[0] + stop_text.flush()
             if tail:
                 yield tail
+        fed = list(answer)
         if self.template:  # close the turn, whatever ended it, so the next one starts cleanly
-            tok = self.tokenizer
-            self.model.prefill(torch.tensor([tok.end_of_turn_id, *tok.encode("\n")], dtype=torch.long), self.state)
-        self.transcript.append(Turn("model", self.tokenizer.decode(answer)))
+            close = [self.tokenizer.end_of_turn_id, *self.tokenizer.encode("\n")]
+            self.model.prefill(torch.tensor(close, dtype=torch.long), self.state)
+            fed += close
+        self.transcript.append(Turn("model", self.tokenizer.decode(answer), fed))
         stats.peak_memory_bytes = peak_memory_bytes(self.model.device)
+        self._changed()
 
 
 def peak_memory_bytes(device: torch.device) -> int:

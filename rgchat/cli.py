@@ -78,6 +78,8 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timings and memory on stderr.")] = False,
     stats_json: Annotated[bool, typer.Option("--stats-json", help="Print each answer's stats as a JSON line "
                                                                  "on stderr.")] = False,
+    state: Annotated[Optional[Path], typer.Option(help="Resume the conversation saved in this file (start one "
+                                                       "if it does not exist) and save it after every turn.")] = None,
     precision: Annotated[Optional[Precision], typer.Option(
         help="Weights to convert a checkpoint to (by default int8, or bf16 on CUDA).")] = None,
     device: DeviceOpt = Device.auto,
@@ -94,12 +96,22 @@ def run(
     sampler = sampling.Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, sampler, max_tokens=max_tokens, system=system,
                                    stop=tuple(stop or ()), template=chat or (loaded.instruction_tuned and not raw))
+    if state:
+        from rgchat import statefile
+
+        if state.exists():  # resume: the conversation's own mode, system text and random stream
+            saved = statefile.load_for(state, loaded.identity())
+            if (raw and saved.template) or (chat and not saved.template):
+                raise RGChatError(f"{state} holds a {'chat' if saved.template else 'raw text'} conversation: "
+                                  "leave out --raw/--chat")
+            statefile.restore(session, saved)
+        session.on_change = lambda s: statefile.save(state, s, loaded.identity())
     if interactive:
         from rich.console import Console
 
         from rgchat.repl import Repl
 
-        Repl(session, loaded.name, Console(highlight=False), verbose).run()
+        Repl(session, loaded, Console(highlight=False), verbose).run()
     elif lines:
         pipe.answer_lines(session, sys.stdin.buffer, sys.stdout, sys.stderr, verbose, stats_json)
     else:
@@ -159,6 +171,48 @@ def rm(model: Annotated[str, typer.Argument(help="A model in the store.")]) -> N
     print(f"rgchat: removed {model}", file=sys.stderr)
 
 
+state_app = typer.Typer(help="Inspect saved conversations (state files) and move them to another model.",
+                        no_args_is_help=True)
+app.add_typer(state_app, name="state")
+
+
+@state_app.command("show")
+@user_errors
+def state_show(file: Annotated[Path, typer.Argument(help="A state file written by --state or /save.")]) -> None:
+    """Print a state file's model, position, settings and transcript."""
+    from rgchat import statefile
+
+    saved = statefile.load(file)
+    for label, value in statefile.describe(saved):
+        print(f"{label}: {value}")
+    for turn in saved.transcript:
+        print(f"\n[{turn.role}]\n{turn.text}")
+
+
+@state_app.command("replay")
+@user_errors
+def state_replay(
+    file: Annotated[Path, typer.Argument(help="A state file written by --state or /save.")],
+    model: Annotated[str, typer.Option(help="The model to continue the conversation with (as `run` takes it).")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the rebuilt state "
+                                                   "[default: replace FILE].")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="Weights to convert a checkpoint to.")] = None,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Rebuild a conversation's state for another model or precision by prefilling its transcript."""
+    from rgchat import chat as chat_lib
+    from rgchat import statefile
+
+    saved = statefile.load(file)
+    loaded = chat_lib.load(model, precision.value if precision else None, device_lib.resolve(device.value),
+                           log=lambda line: print(line, file=sys.stderr))
+    session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, sampling.Sampler(), template=saved.template)
+    statefile.replay(saved, session, same_tokenizer=saved.identity.get("tokenizer_sha256") == loaded.tokenizer_sha256)
+    statefile.save(output or file, session, loaded.identity())
+    print(f"rgchat: replayed {len(saved.transcript)} turns ({session.state.pos} tokens) with {loaded.name} "
+          f"into {output or file}", file=sys.stderr)
+
+
 @app.command()
 @user_errors
 def bench(
@@ -175,9 +229,11 @@ def bench(
                                                        "(also times loading and start-up).")] = None,
     save: Annotated[Optional[Path], typer.Option(help="Write the random weights as a model file and stop "
                                                       "(to bench loading with --model).")] = None,
+    state_file: Annotated[bool, typer.Option("--state-file", help="Time saving and loading a full-window "
+                                                                 "conversation state file instead.")] = False,
 ) -> None:
     """Measure prefill and decode speed on random weights of a real shape (no download needed)."""
-    from rgchat.bench import run_bench, save_random_model, time_scan
+    from rgchat.bench import run_bench, save_random_model, time_scan, time_state_file
 
     dev = device_lib.resolve(device.value)
     if save:
@@ -186,6 +242,11 @@ def bench(
         return
     if scan:
         results = time_scan(dev, precision.value, seed=seed)
+    elif state_file:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            results = [time_state_file(shape.value, precision.value, Path(folder))]
     else:
         results = [run_bench(shape.value, precision.value, dev, prompt_tokens, gen_tokens, seed, model)]
     if as_json:

@@ -28,6 +28,10 @@ _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", t
            torch.uint8: "U8", torch.int32: "I32"}
 _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 _HASH_PLACEHOLDER = "0" * 64
+# Tensor data is mapped straight into the kernels, and some need aligned pointers (torch's
+# _weight_int8pack_mm crashes on int8 weights that are not 16-byte aligned), so data starts at a multiple of
+# 64 bytes, which aligns every tensor whose predecessors' sizes are multiples of 64 (all of a 2B or 9B model).
+ALIGN = 64
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -48,7 +52,7 @@ def _header_bytes(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metada
         offsets[name] = (pos, pos + size)
         pos += size
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % ALIGN)  # whitespace padding (allowed by the format): data starts aligned
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
@@ -119,6 +123,8 @@ class ModelFile:
         if count == 0:
             return torch.empty(entry["shape"], dtype=dtype)
         flat = torch.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.data_start + begin)
+        if flat.data_ptr() % ALIGN:  # a tensor after odd-sized ones (tiny models), or an older file
+            flat = flat.clone()
         return flat.view(entry["shape"])
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -107,7 +107,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     rows = x.reshape(-1, x.shape[-1])
     if x.device.type == "cpu" and rows.shape[0] == 1:  # decode
         out = _int8_matvec(rows, q, scale).to(x.dtype)
-    elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
+    elif (x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows.shape[0] <= INT8_KERNEL_MAX_ROWS
+          and q.data_ptr() % 16 == 0):  # the kernel crashes on weights that are not 16-byte aligned
         out = torch._weight_int8pack_mm(rows.contiguous(), q, scale)
     else:
         out = F.linear(rows, q.to(x.dtype)) * scale.to(x.dtype)

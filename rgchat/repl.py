@@ -14,7 +14,8 @@ import platformdirs
 from rich.console import Console
 from rich.table import Table
 
-from rgchat.chat import ChatSession, ctrl_c_stops
+from rgchat import statefile
+from rgchat.chat import ChatSession, LoadedModel, ctrl_c_stops
 from rgchat.errors import RGChatError
 
 try:  # line editing and history; absent on some platforms, where plain input() still works
@@ -81,11 +82,9 @@ SETTINGS: dict[str, Setting] = {
 
 
 class Repl:
-    def __init__(self, session: ChatSession, label: str, console: Console, verbose: bool = False,
-                 save: Callable[[ChatSession, Path], None] | None = None,
-                 load: Callable[[ChatSession, Path], None] | None = None):
-        self.session, self.label, self.console, self.verbose = session, label, console, verbose
-        self.save, self.load = save, load
+    def __init__(self, session: ChatSession, model: LoadedModel, console: Console, verbose: bool = False):
+        self.session, self.model, self.console, self.verbose = session, model, console, verbose
+        self.label = model.name
 
     def run(self) -> None:
         self._start_history()
@@ -198,19 +197,24 @@ class Repl:
             except ValueError as e:
                 self._note(f"({e})")
         elif name in ("save", "load"):
-            action = self.save if name == "save" else self.load
             if not arg:
                 self._note(f"usage: /{name} FILE")
-            elif action is None:
-                self._note(f"/{name} is not available here")
-            else:
-                try:
-                    action(session, Path(arg).expanduser())
-                except RGChatError as e:
-                    self._say(f"rgchat: error: {e}")
+                return None
+            try:
+                (self._save if name == "save" else self._load)(Path(arg).expanduser())
+            except RGChatError as e:
+                self._say(f"rgchat: error: {e}")
         else:
             self._note(f"unknown command /{name}: /help lists them")
         return None
+
+    def _save(self, path: Path) -> None:
+        statefile.save(path, self.session, self.model.identity())
+        self._note(f"(saved {len(self.session.transcript)} turns to {path}, {path.stat().st_size / 2**20:.2f} MiB)")
+
+    def _load(self, path: Path) -> None:
+        statefile.restore(self.session, statefile.load_for(path, self.model.identity()))
+        self._note(f"(resumed {len(self.session.transcript)} turns from {path}, position {self.session.state.pos})")
 
     def _set(self, arg: str) -> None:
         name, _, value = arg.partition(" ")

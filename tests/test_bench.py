@@ -54,3 +54,12 @@ def test_bench_saves_and_benches_a_model_file(tiny_preset, tmp_path, precision):
     assert data["precision"] == precision and data["shape"] == "random-2b"
     assert data["load_s"] >= 0 and data["decode_tok_s"] > 0
     assert data["startup_s"] is None or data["startup_s"] > 0
+
+
+def test_state_file_timing_round_trips_a_full_window(tmp_path):
+    from rgchat.bench import time_state_file
+
+    row = time_state_file("2b", "int8", tmp_path, repeats=1)
+    assert row["tokens"] > 2048 and row["save_ms"] > 0 and row["load_ms"] > 0
+    assert row["state_bytes"] < row["file_bytes"] < row["state_bytes"] + (1 << 20)  # the state plus small metadata
+    assert list(tmp_path.iterdir()) == []

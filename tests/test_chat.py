@@ -49,7 +49,7 @@ def test_turns_prefill_only_their_tokens_and_equal_one_pass(model, tokenizer_pat
     first_turn = fed[1:len(tok.chat_prompt("Be brief.\n\nHello there")) + 1]
     assert tok.decode(first_turn) == "<start_of_turn>user\nBe brief.\n\nHello there<end_of_turn>\n<start_of_turn>model\n"
     assert fed.count(tok.end_of_turn_id) == 6  # 3 questions + 3 answers
-    assert s.state.pos == len(fed)
+    assert s.state.pos == len(fed) and [t for turn in s.transcript for t in turn.ids] == fed
     # One prefill of everything the session fed gives the same state, hence the same next answer.
     one_pass = model.new_state()
     model.prefill(torch.tensor(fed), one_pass)

@@ -10,6 +10,7 @@ from conftest import CYCLES, tiny_model, write_hf_folder, write_official
 from rgchat import modelfile
 from rgchat.checkpoint import convert, load_file
 from rgchat.errors import RGChatError
+from rgchat.quant import Int8Linear
 
 # The fuzz test is deterministic by default (a CI run must not fail by luck); RGCHAT_FUZZ=N explores N fresh
 # random cases instead.
@@ -62,6 +63,29 @@ def test_converted_file_reloads_bit_identically(tmp_path, sources):
     again = convert(hf_dir, "int8", tmp_path / "q2.safetensors")
     assert split(int8)[1] == split(again)[1]
     assert all(torch.equal(first[n], t) for n, t in load_file(again)[0].state_dict().items())
+
+
+def test_tensors_are_aligned_for_the_kernels(tmp_path, sources):
+    """Data starts 64-byte aligned; a tensor that still lands unaligned (after odd-sized ones) is copied,
+    since torch's int8 kernel crashes on unaligned weights."""
+    _, hf_dir, _ = sources
+    path = convert(hf_dir, "int8", tmp_path / "m.safetensors")
+    header, _ = split(path)
+    mf = modelfile.open_file(path)
+    assert mf.data_start % modelfile.ALIGN == 0
+    offsets = {name: entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}
+    assert any(o % modelfile.ALIGN for o in offsets.values())  # this tiny model has odd-sized tensors
+    assert all(t.data_ptr() % modelfile.ALIGN == 0 for t in mf.tensors().values())
+    # the mapped tensors are views of the file where aligned, copies elsewhere
+    mapped = [n for n, o in offsets.items() if o % modelfile.ALIGN == 0 and o != header[n]["data_offsets"][1]]
+    base = torch.frombuffer(mf.buffer, dtype=torch.uint8, count=1).data_ptr()
+    assert all(mf.tensor(n).data_ptr() == base + mf.data_start + offsets[n] for n in mapped)
+    model, _ = load_file(path)
+    x = torch.randn(5, CYCLES.width, dtype=torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear) and m.weight.shape[1] == CYCLES.width]
+    assert len(linears) > 20
+    for module in linears:  # each runs through torch's small-batch int8 kernel (a crash before alignment)
+        assert torch.isfinite(module(x)).all()
 
 
 def test_source_checksums_are_recorded(tmp_path, sources):

@@ -110,3 +110,19 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(it_file):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_save_and_load_in_the_repl(it_file, tokenizer_path, tmp_path):
+    child = spawn(str(it_file), "--temperature", "0", "--max-tokens", "12")
+    a1, a2 = greedy_answers(tokenizer_path, ["Hello there", "The quick brown fox"])
+    assert say(child, "Hello there").startswith(a1 + "\n")
+    saved = tmp_path / "chat.state"
+    assert "saved 2 turns" in say(child, f"/save {saved}")
+    say(child, "/clear")
+    assert "resumed 2 turns" in say(child, f"/load {saved}")
+    assert say(child, "The quick brown fox").startswith(a2 + "\n")  # as if never cleared
+    assert "rgchat: error:" in say(child, f"/load {tmp_path / 'missing.state'}")  # the session goes on
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
