@@ -25,6 +25,7 @@ from rgchat import config as config_lib
 from rgchat.config import GriffinConfig
 from rgchat.errors import RGChatError
 from rgchat.model import Griffin
+from rgchat.progress import Reporter
 from rgchat.quant import (
     check_precision, convert_tensor, dtype_of, packed_tensors, prepare_model_, quantizable_weights,
     swap_modules_,
@@ -182,10 +183,12 @@ def source_name(path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def convert(source: str | Path, precision: str, output: str | Path) -> Path:
+def convert(source: str | Path, precision: str, output: str | Path, *, name: str | None = None,
+            origin: dict | None = None, progress: Reporter | None = None) -> Path:
     """Convert a checkpoint into one model file of `precision`, streaming tensor by tensor.
 
-    The tokenizer is copied beside the output as tokenizer.model.
+    The tokenizer is copied beside the output as tokenizer.model. `name` overrides the model's name (its
+    folder's), `origin` adds to the recorded source (the Hub repo and revision of a download).
     """
     ckpt = Checkpoint(source)
     output = Path(output)
@@ -201,13 +204,16 @@ def convert(source: str | Path, precision: str, output: str | Path) -> Path:
     if tokenizer_copy.exists() and modelfile.sha256_file(tokenizer_copy) != tokenizer_sha:
         raise RGChatError(f"{tokenizer_copy} exists and is another tokenizer: choose another output folder")
     metadata = {
-        "name": source_name(ckpt.path),
+        "name": name or source_name(ckpt.path),
         "config": json.dumps(ckpt.config.to_dict()),
         "precision": precision,
-        "source": json.dumps(source_info(ckpt)),
+        "source": json.dumps({**source_info(ckpt), **(origin or {})}),
         "tokenizer_sha256": tokenizer_sha,
         "rgchat_version": __version__,
     }
+
+    total = sum(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size() for dtype, shape in layout.values())
+    task = progress.task(f"converting to {precision}", total) if progress else None
 
     def converted():
         for tensor_name, tensor in ckpt.tensors():
@@ -216,6 +222,10 @@ def convert(source: str | Path, precision: str, output: str | Path) -> Path:
             if unknown:
                 raise RGChatError(f"{ckpt.path}: unexpected tensor {min(unknown)!r} for this configuration")
             yield from stored.items()
+            if task:
+                task.advance(sum(t.numel() * t.element_size() for t in stored.values()))
+        if task:
+            task.done()
 
     output.parent.mkdir(parents=True, exist_ok=True)
     modelfile.write(output, layout, metadata, converted())

@@ -137,12 +137,42 @@ def convert(
     print(f"rgchat: wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
 
 
+@app.command()
+@user_errors
+def pull(
+    model: Annotated[str, typer.Argument(help="An alias (2b, 2b-it, 9b, 9b-it) or hf:OWNER/REPO[@REVISION].")],
+    precision: Annotated[Optional[Precision], typer.Option(
+        help="Weights to convert to (by default int8, or bf16 when CUDA is present).")] = None,
+    keep_original: Annotated[bool, typer.Option("--keep-original", help="Keep the downloaded checkpoint "
+                                                                       "files after conversion.")] = False,
+) -> None:
+    """Download a model from the Hugging Face Hub (resuming, verified) and convert it into the store."""
+    from rgchat import hub
+
+    remote = hub.parse(model)
+    if remote is None:
+        raise UsageError(f"{model!r} is not a Hub model: use an alias ({', '.join(hub.ALIASES)}) or "
+                         f"{hub.HUB_PREFIX}OWNER/REPO")
+    wanted = precision.value if precision else ("bf16" if device_lib.resolve("auto").type == "cuda" else "int8")
+    path = hub.pull(remote, wanted, keep_original, log=lambda line: print(line, file=sys.stderr))
+    print(f"rgchat: {remote.entry_name(wanted)} is ready ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
+
+
 @app.command("list")
 @user_errors
-def list_models() -> None:
+def list_models(
+    available: Annotated[bool, typer.Option("--available", help="List the Hub aliases and their sizes per "
+                                                               "precision instead.")] = False,
+) -> None:
     """List the models in the store: name, precision, size on disk, source."""
     from rgchat.store import list_entries, store_dir
 
+    if available:
+        from rgchat import hub
+
+        for alias, repo, sizes in hub.available():
+            print(f"{alias}\t{repo}\t" + "\t".join(f"{p} {n / 2**30:.2f} GiB" for p, n in sizes.items()))
+        return
     entries = list_entries()
     if not entries:
         print(f"rgchat: no models in {store_dir()} yet (`rgchat convert` or `rgchat run` adds them)",

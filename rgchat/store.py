@@ -48,7 +48,9 @@ def read_entry(name: str) -> Entry:
     path = entry_path(name)
     mf = modelfile.open_file(path)
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
-    return Entry(name, path, mf.precision, size, mf.source.get("path", "?"))
+    source = mf.source
+    origin = f"hf:{source['repo']}@{source.get('commit', '?')[:12]}" if "repo" in source else source.get("path", "?")
+    return Entry(name, path, mf.precision, size, origin)
 
 
 def list_entries() -> list[Entry]:
@@ -90,8 +92,10 @@ def _same_source(path: Path, source: Path) -> bool:
 
 
 def resolve(model: str, precision: str, log=print) -> Path:
-    """The model file to run for MODEL: a model file, a store name, or a checkpoint that is converted into
-    the store at `precision` the first time it is met (and again if its files change)."""
+    """The model file to run for MODEL: a model file, a store name, a checkpoint that is converted into the
+    store at `precision` the first time it is met (and again if its files change), or a Hub alias or
+    hf:OWNER/REPO that is downloaded and converted the first time (no network after that)."""
+    from rgchat import hub
     from rgchat.checkpoint import Checkpoint, convert
 
     path = Path(model).expanduser()
@@ -106,6 +110,9 @@ def resolve(model: str, precision: str, log=print) -> Path:
             log(f"rgchat: converting {path} to {precision} into {target.parent} (once)")
             convert(ckpt.path, precision, target)
         return target
+    remote = hub.parse(model)
+    if remote is not None:
+        return hub.pull(remote, precision, log=log)
     if "/" in model or model.startswith("."):
         raise RGChatError(f"{path}: no such file or directory")
     if entry_path(model).is_file():

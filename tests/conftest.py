@@ -54,9 +54,11 @@ def run_cli(*args: str, stdin: str | bytes = "") -> subprocess.CompletedProcess:
 
 @pytest.fixture(autouse=True)
 def isolated_store(tmp_path, monkeypatch) -> Path:
-    """Every test gets an empty model store of its own (subprocesses inherit it through the environment)."""
+    """Every test gets an empty model store and HF cache of its own (subprocesses inherit them through the
+    environment)."""
     store = tmp_path / "rgchat-store"
     monkeypatch.setenv("RGCHAT_HOME", str(store))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     return store
 
 

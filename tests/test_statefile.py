@@ -121,6 +121,8 @@ def test_replay_rebuilds_the_state_for_another_model(tokenizer_path, tmp_path):
     other = loaded_model(tokenizer_path, seed=7)
     with pytest.raises(RGChatError, match="state replay"):
         statefile.load_for(path, other.identity())
+    with pytest.raises(RGChatError, match="in tokenizer. To continue"):
+        statefile.load_for(path, {**loaded.identity(), "tokenizer_sha256": "another"})
     moved = new_session(other)
     statefile.replay(statefile.load(path), moved, same_tokenizer=True)
     statefile.save(path, moved, other.identity())
