@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from rgchat.errors import RGChatError
-from rgchat.progress import Reporter
+from rgchat.progress import Reporter, Task
 
 ALIASES = {
     "2b": "google/recurrentgemma-2b",
@@ -173,18 +173,21 @@ def _checksum_ok(path: Path, remote: RemoteFile) -> bool:
     return True
 
 
-def _download(model: HubModel, commit: str, remote: RemoteFile, folder: Path, progress: Reporter) -> Path:
-    """One file into `folder`, continuing a partial download, verified; cached or finished files are reused."""
+def _download(model: HubModel, commit: str, remote: RemoteFile, folder: Path, progress: Reporter,
+              total: Task | None = None) -> Path:
+    """One file into `folder`, continuing a partial download, verified; cached or finished files are reused.
+    `total` is the bar of the whole pull, advanced along with the file's own."""
     from huggingface_hub import hf_hub_url, try_to_load_from_cache
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
     cached = try_to_load_from_cache(model.repo_id, remote.name, revision=commit)
-    if isinstance(cached, str) and Path(cached).stat().st_size == remote.size:
-        return Path(cached)  # the user's HF cache already has it
     target = folder / remote.name
-    if target.is_file() and target.stat().st_size == remote.size:
-        return target  # finished (and verified) by an earlier pull
+    for ready in (Path(cached) if isinstance(cached, str) else None, target):
+        if ready is not None and ready.is_file() and ready.stat().st_size == remote.size:
+            if total:
+                total.advance(remote.size)
+            return ready  # in the user's HF cache, or finished (and verified) by an earlier pull
     partial = target.with_name(target.name + ".partial")
     have = partial.stat().st_size if partial.is_file() else 0
     if have > remote.size:
@@ -194,11 +197,12 @@ def _download(model: HubModel, commit: str, remote: RemoteFile, folder: Path, pr
     if remote.size - have > free:
         raise RGChatError(f"not enough disk space in {folder}: {remote.name} needs {(remote.size - have) / 1e9:.2f} GB "
                           f"more, {free / 1e9:.2f} GB free; free some and run again (what is downloaded is kept)")
-    task = progress.task(remote.name, remote.size)
-    task.advance(have)
+    tasks = [progress.task(remote.name, remote.size), *([total] if total else [])]
+    for task in tasks:
+        task.advance(have)
     with open(partial, "ab") as f:
         try:
-            _hub_call(model, http_get, hf_hub_url(model.repo_id, remote.name, revision=commit), _CountingFile(f, task),
+            _hub_call(model, http_get, hf_hub_url(model.repo_id, remote.name, revision=commit), _CountingFile(f, tasks),
                       resume_size=have, headers=build_hf_headers(), expected_size=remote.size,
                       tqdm_class=_NoBar)
         except OSError as e:
@@ -207,7 +211,7 @@ def _download(model: HubModel, commit: str, remote: RemoteFile, folder: Path, pr
                                   "again: the download continues where it stopped") from None
             raise RGChatError(f"download of {remote.name} from {model.repo_id} broke off ({e}); run again to "
                               "continue it") from None
-    task.done()
+    tasks[0].done()
     if not _checksum_ok(partial, remote):
         partial.unlink()
         raise RGChatError(f"{remote.name} from {model.repo_id} does not match the Hub's checksum (damaged in "
@@ -219,12 +223,13 @@ def _download(model: HubModel, commit: str, remote: RemoteFile, folder: Path, pr
 class _CountingFile:
     """The partial file, reporting every write to the progress display."""
 
-    def __init__(self, f, task):
-        self.f, self.task = f, task
+    def __init__(self, f, tasks: list[Task]):
+        self.f, self.tasks = f, tasks
 
     def write(self, data: bytes) -> int:
         n = self.f.write(data)
-        self.task.advance(len(data))
+        for task in self.tasks:
+            task.advance(len(data))
         return n
 
     def __getattr__(self, name):  # tell, seek, truncate
@@ -273,7 +278,9 @@ def pull(model: HubModel, precision: str, keep_original: bool = False, progress:
     with progress:
         fetch = lambda name: _download(model, commit, files[name], folder, progress)  # noqa: E731
         names, prebuilt = _wanted(model, files, precision, fetch)
-        paths = {name: fetch(name) for name in names}
+        total = progress.task(f"{model.repo_id} (all files)", sum(files[n].size for n in names))
+        paths = {name: _download(model, commit, files[name], folder, progress, total) for name in names}
+        total.done()
         target.parent.mkdir(parents=True, exist_ok=True)
         if prebuilt:  # an rgchat model file already: check it is one, of this precision, then move it in
             mf = modelfile.open_file(paths[names[0]])

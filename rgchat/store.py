@@ -117,7 +117,8 @@ def resolve(model: str, precision: str, log=print) -> Path:
         raise RGChatError(f"{path}: no such file or directory")
     if entry_path(model).is_file():
         return entry_path(model)
-    raise RGChatError(f"no model {model!r}: not a path, and not in the store {store_dir()} (see `rgchat list`)")
+    raise RGChatError(f"no model {model!r}: not a path, not in the store {store_dir()} (see `rgchat list`), and "
+                      f"not a Hub alias ({', '.join(hub.ALIASES)}) or hf:OWNER/REPO")
 
 
 def show_lines(model: str) -> list[tuple[str, str]]:

@@ -96,10 +96,13 @@ def assert_same_as_converting(wide_checkpoint, isolated_store):
 
 def test_a_dropped_connection_is_resumed_with_a_range_request(wide_server, wide_checkpoint, isolated_store):
     wide_server.repos[REPO].drop_after[SHARD] = CHUNK + 500_000
-    result = rgchat("pull", "2b-it", "--precision", "f32", endpoint=wide_server.url)
+    result = rgchat("pull", "2b-it", "--precision", "f32", "--keep-original", endpoint=wide_server.url)
     assert result.returncode == 0, result.stderr
     assert wide_server.ranges(SHARD) == [None, f"bytes={CHUNK}-"]
     assert_same_as_converting(wide_checkpoint, isolated_store)
+    kept = isolated_store / hub.DOWNLOADS / "recurrentgemma-2b-it" / wide_server.repos[REPO].commit / SHARD
+    assert kept.read_bytes() == (wide_checkpoint / SHARD).read_bytes()
+    assert "(all files): 100%" in result.stderr
 
 
 def test_an_interrupted_pull_continues_where_it_stopped(wide_server, wide_checkpoint, isolated_store):
