@@ -11,7 +11,9 @@ import torch
 
 from rgchat import __version__, modelfile
 from rgchat import config as config_lib
+from rgchat.compare import bench_hf
 from rgchat.device import peak_rss_bytes, process_age_s, reset_peak_rss, synchronize
+from rgchat.errors import RGChatError
 from rgchat.model import Griffin, random_tensors
 from rgchat.quant import convert_tensor, dtype_of, prepare_model_, quantizable_weights, swap_modules_
 
@@ -59,9 +61,92 @@ def save_random_model(shape: str, precision: str, path: Path, seed: int = 0) -> 
     return path
 
 
+PREFILL_SWEEP = (128, 2048, 16384)
+
+
+def checkpoints(n: int) -> list[int]:
+    """Where a long generation of n tokens records memory and speed: 1k, n/4, n/2, n."""
+    return sorted({min(1024, n), n // 4, n // 2, n} - {0})
+
+
+def long_run(model: Griffin, device: torch.device, n: int, seed: int = 0) -> list[dict]:
+    """Greedy-decode n tokens from a short prompt, recording resident (and device) memory and the decode
+    speed since the previous checkpoint: both must stay flat, since the state never grows."""
+    from rgchat.compare import _record
+
+    state = model.new_state()
+    token = int(torch.argmax(model.prefill(torch.arange(1, 17) * 7 + seed, state)))
+    marks, records = checkpoints(n), []
+    t0, done_before = time.perf_counter(), 0
+    for done in range(1, n + 1):
+        token = int(torch.argmax(model.step(token, state)))
+        if done == marks[0]:
+            now = time.perf_counter()
+            records.append(_record(done, (done - done_before) / (now - t0), device))
+            t0, done_before = now, done
+            marks.pop(0)
+    return records
+
+
+def drift(records: list[dict], key: str) -> float:
+    """Largest relative change of `key` from its value at 1k tokens to any later checkpoint."""
+    later = [r for r in records if r["tokens"] >= min(1024, records[-1]["tokens"])]
+    base = later[0][key]
+    return round(max(abs(r[key] - base) / base for r in later), 4)
+
+
+def prefill_sweep(model: Griffin, device: torch.device, lengths: tuple[int, ...] = PREFILL_SWEEP,
+                  seed: int = 0) -> list[dict]:
+    """Prefill speed at several prompt lengths (each from an empty state), to show the cost per token of
+    chunked prefill staying flat."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        prompt = torch.randint(0, model.config.vocab_size, (n,), generator=gen)
+        state = model.new_state()
+        synchronize(device)
+        t0 = time.perf_counter()
+        model.prefill(prompt, state)
+        synchronize(device)
+        rows.append({"tokens": n, "tok_s": round(n / (time.perf_counter() - t0), 2)})
+    return rows
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Memory and decode speed against tokens generated, rgchat and (when compared) transformers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RGChatError("--plot needs matplotlib: pip install matplotlib (or rgchat[plot])") from None
+    series = {"rgchat": result.get("long", [])}
+    if "hf" in result and "long" in result["hf"]:
+        series["transformers"] = result["hf"]["long"]
+    key = "device_bytes" if result["device"].startswith("cuda") else "rss_bytes"
+    fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, records in series.items():
+        tokens = [r["tokens"] for r in records]
+        mem.plot(tokens, [r[key] / 2**30 for r in records], marker="o", label=label)
+        speed.plot(tokens, [r["tok_s"] for r in records], marker="o", label=label)
+    mem.set(xlabel="tokens generated", ylabel=f"{'GPU' if key == 'device_bytes' else 'resident'} memory (GiB)",
+            title="memory", ylim=(0, None))
+    speed.set(xlabel="tokens generated", ylabel="decode tok/s", title="decode speed", ylim=(0, None))
+    for ax in (mem, speed):
+        ax.legend()
+    fig.suptitle(f"{result['shape']} {result['precision']} on {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: int, gen_tokens: int,
-              seed: int = 0, model_file: Path | None = None) -> dict:
-    """Prefill and decode timings on random weights of `shape`, or on the weights of `model_file`."""
+              seed: int = 0, model_file: Path | None = None, compare_hf: bool = False, long_tokens: int = 0,
+              sweep: bool = False) -> dict:
+    """Prefill and decode timings on random weights of `shape`, or on the weights of `model_file`; optionally
+    a long generation, a prefill sweep, and the same measurements on transformers."""
     t0 = time.perf_counter()
     if model_file is not None:
         from rgchat.checkpoint import load_file
@@ -123,6 +208,22 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
     }
     if device.type == "cuda":
         result["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+    if sweep:
+        result["prefill_sweep"] = prefill_sweep(model, device, seed=seed)
+    if long_tokens:
+        result["long"] = long_run(model, device, long_tokens, seed)
+        result["long_memory_drift"] = drift(result["long"], "device_bytes" if device.type == "cuda" else "rss_bytes")
+        result["long_speed_drift"] = drift(result["long"], "tok_s")
+    if compare_hf:
+        if model_file is not None:
+            raise RGChatError("--compare hf works on random weights: leave out --model")
+        config = model.config
+        del model, state
+        hf_dtype = torch.float32 if precision == "f32" else torch.bfloat16  # quantized rgchat vs transformers bf16
+        hf = result["hf"] = bench_hf(config, hf_dtype, device, prompt, gen_tokens, seed, long_tokens)
+        hf["dtype"] = str(hf_dtype).removeprefix("torch.")
+        result["speedup_prefill"] = round(result["prefill_tok_s"] / hf["prefill_tok_s"], 2)
+        result["speedup_decode"] = round(result["decode_tok_s"] / hf["decode_tok_s"], 2)
     return result
 
 

@@ -49,6 +49,7 @@ def user_errors(command: Callable) -> Callable:
 Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)
 Device = Enum("Device", {name: name for name in device_lib.CHOICES}, type=str)
 Shape = Enum("Shape", {name: name for name in PRESETS}, type=str)
+Compare = Enum("Compare", {"hf": "hf"}, type=str)
 PrecisionOpt = Annotated[Precision, typer.Option(help="Weight precision.")]
 DeviceOpt = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.")]
 
@@ -261,8 +262,17 @@ def bench(
                                                       "(to bench loading with --model).")] = None,
     state_file: Annotated[bool, typer.Option("--state-file", help="Time saving and loading a full-window "
                                                                  "conversation state file instead.")] = False,
+    compare: Annotated[Optional[Compare], typer.Option(help="Also run transformers' RecurrentGemma on the same "
+                                                           "weights and prompt (bf16, or f32 with --precision f32).")] = None,
+    long: Annotated[int, typer.Option(min=0, help="Also generate this many tokens, recording memory and speed "
+                                                  "at 1k, N/4, N/2 and N.")] = 0,
+    prefill_sweep: Annotated[bool, typer.Option("--prefill-sweep", help="Also time prefill at 128, 2048 and "
+                                                                       "16384 tokens.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw memory and speed against tokens (with --long) into "
+                                                      "this PNG (needs matplotlib).")] = None,
 ) -> None:
     """Measure prefill and decode speed on random weights of a real shape (no download needed)."""
+    from rgchat.bench import plot as bench_plot
     from rgchat.bench import run_bench, save_random_model, time_scan, time_state_file
 
     dev = device_lib.resolve(device.value)
@@ -278,7 +288,12 @@ def bench(
         with tempfile.TemporaryDirectory() as folder:
             results = [time_state_file(shape.value, precision.value, Path(folder))]
     else:
-        results = [run_bench(shape.value, precision.value, dev, prompt_tokens, gen_tokens, seed, model)]
+        if plot and not long:
+            raise UsageError("--plot draws the --long run: give --long N")
+        results = [run_bench(shape.value, precision.value, dev, prompt_tokens, gen_tokens, seed, model,
+                             compare_hf=compare is not None, long_tokens=long, sweep=prefill_sweep)]
+        if plot:
+            print(f"rgchat: wrote {bench_plot(results[0], plot)}", file=sys.stderr)
     if as_json:
         for result in results:
             print(json.dumps(result))
@@ -287,11 +302,16 @@ def bench(
     from rich.table import Table
 
     table = Table(title=f"rgchat bench{' --scan' if scan else ''}: {precision.value} on {dev}")
-    for key in results[0]:
+    scalars = [k for k, v in results[0].items() if not isinstance(v, (dict, list))]
+    for key in scalars:
         table.add_column(key, justify="right")
     for result in results:
-        table.add_row(*(f"{v:,}" if isinstance(v, (int, float)) else str(v) for v in result.values()))
+        table.add_row(*(f"{result[k]:,}" if isinstance(result[k], (int, float)) else str(result[k]) for k in scalars))
     Console().print(table)
+    for result in results:  # nested figures (transformers, long run, prefill sweep) as JSON
+        for key, value in result.items():
+            if isinstance(value, (dict, list)):
+                print(f"{key}: {json.dumps(value)}")
 
 
 @app.command()

@@ -45,6 +45,18 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux); the peak where the current value is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS measurement (Linux: writing 5 to clear_refs); False where unsupported.
 

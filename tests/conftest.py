@@ -193,15 +193,7 @@ def write_official(model: Griffin, folder: Path, tokenizer: Path, name: str = "2
 
 def transformers_model(model: Griffin, window: int | None = None):
     """transformers' RecurrentGemmaForCausalLM holding the same weights (float32), for comparisons."""
-    transformers = pytest.importorskip("transformers")
-    c = model.config
-    hf_config = transformers.RecurrentGemmaConfig(
-        num_hidden_layers=c.num_layers, vocab_size=c.vocab_size, hidden_size=c.width,
-        intermediate_size=2 * c.mlp_width, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        lru_width=c.lru_width, attention_window_size=window or c.window, conv1d_width=c.conv_width,
-        logits_soft_cap=c.logit_cap, rms_norm_eps=c.rms_eps, block_types=list(c.block_types[:3]),
-    )
-    hf = transformers.RecurrentGemmaForCausalLM(hf_config).eval()
-    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    return hf
+    pytest.importorskip("transformers")
+    from rgchat.compare import hf_model
+
+    return hf_model(model.state_dict(), model.config, torch.float32, "cpu", window)

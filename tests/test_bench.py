@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from conftest import CYCLES
 from rgchat import config as config_lib
-from rgchat.bench import measure_bandwidth, run_bench
+from rgchat.bench import drift, measure_bandwidth, plot, run_bench
 from rgchat.cli import app
 
 
@@ -63,3 +63,24 @@ def test_state_file_timing_round_trips_a_full_window(tmp_path):
     assert row["tokens"] > 2048 and row["save_ms"] > 0 and row["load_ms"] > 0
     assert row["state_bytes"] < row["file_bytes"] < row["state_bytes"] + (1 << 20)  # the state plus small metadata
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_long_run_sweep_and_plot(tiny_preset, tmp_path):
+    pytest.importorskip("transformers")
+    result = run_bench("2b", "bf16", torch.device("cpu"), prompt_tokens=32, gen_tokens=4, compare_hf=True,
+                       long_tokens=1200, sweep=True)
+    hf = result["hf"]
+    assert hf["dtype"] == "bfloat16" and hf["prefill_tok_s"] > 0 and hf["decode_tok_s"] > 0
+    assert result["speedup_decode"] == pytest.approx(result["decode_tok_s"] / hf["decode_tok_s"], rel=1e-2)
+    for records in (result["long"], hf["long"]):
+        assert [r["tokens"] for r in records] == [300, 600, 1024, 1200]
+        assert all(r["rss_bytes"] > 0 and r["tok_s"] > 0 for r in records)
+    assert 0 <= result["long_memory_drift"] < 1 and result["long_speed_drift"] >= 0
+    assert [row["tokens"] for row in result["prefill_sweep"]] == [128, 2048, 16384]
+    png = plot(result, tmp_path / "long.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_drift_is_measured_from_1k_tokens():
+    records = [{"tokens": t, "m": m} for t, m in ((500, 50.0), (1024, 100.0), (2048, 101.0), (4096, 97.0))]
+    assert drift(records, "m") == 0.03
