@@ -160,15 +160,16 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed))
 
     # Warm-up: first-call allocations and kernel selection, and every variant a JIT compiles (a chunk that
-    # starts the document, one that continues it, a single decode step). Its first token marks start-up.
-    warm = model.new_state()
-    first = int(torch.argmax(model.prefill(prompt[:16], warm)))
+    # starts the document, one that continues it, a single decode step, on CUDA its graph capture), all in
+    # the state that is timed next. Its first token marks start-up.
+    state = model.new_state()
+    first = int(torch.argmax(model.prefill(prompt[:16], state)))
     startup_s = process_age_s()
-    model.prefill(prompt[:16], warm)
-    model.step(first, warm)
+    model.prefill(prompt[:16], state)
+    model.step(first, state)
     build_peak_rss = peak_rss_bytes()
     reset_peak_rss()  # from here on: the memory that prefill and decode need
-    state = model.new_state()
+    state.zero_()
     synchronize(device)
     t0 = time.perf_counter()
     logits = model.prefill(prompt, state)

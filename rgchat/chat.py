@@ -18,7 +18,7 @@ import torch
 
 from rgchat.device import peak_rss_bytes
 from rgchat.errors import RGChatError
-from rgchat.model import PREFILL_CHUNK, Griffin
+from rgchat.model import Griffin
 from rgchat.sampling import REPEAT_WINDOW, Sampler
 from rgchat.state import State
 from rgchat.tokenizer import StreamingDetokenizer, Tokenizer
@@ -222,7 +222,7 @@ class ChatSession:
                 self.recent.extend(ids[:len(ids) - len(close)])
 
     def _reset(self) -> None:
-        self.state = self.model.new_state()
+        self.state.zero_()
         self.transcript.clear()
         self.recent.clear()
         self._before_last.valid = False
@@ -259,8 +259,9 @@ class ChatSession:
         stats = self.stats = Stats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
         logits = None
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            logits = self.model.prefill(torch.tensor(ids[i:i + PREFILL_CHUNK], dtype=torch.long), self.state)
+        chunk = self.model.prefill_chunk
+        for i in range(0, len(ids), chunk):
+            logits = self.model.prefill(torch.tensor(ids[i:i + chunk], dtype=torch.long), self.state)
             if self.interrupted:  # the question is withdrawn: as if never asked
                 self._restore()
                 self._before_last.valid = False

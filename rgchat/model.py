@@ -19,7 +19,10 @@ from rgchat.quant import Embedding, Linear
 from rgchat.scan import rglru
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
 
-PREFILL_CHUNK = 512  # tokens per prefill chunk: bounds activations and attention scores for any prompt
+# Tokens per prefill chunk: bounds activations and attention masks for any prompt. A GPU wants more work
+# per launch, and has the memory for it.
+PREFILL_CHUNK = {"cpu": 512}
+PREFILL_CHUNK_ACCELERATOR = 4096
 
 
 def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
@@ -47,10 +50,11 @@ class RMSNorm(nn.Module):
 class Chunk:
     """What every layer needs to know about the tokens being processed, computed once per forward."""
 
-    start: int  # position of the first token
+    start: int | None  # position of the first token (None in a static step: it lives on the device)
     cos: torch.Tensor  # [T, head_dim/4] RoPE tables
     sin: torch.Tensor
-    mask: torch.Tensor  # [T, cached + T] bool: which keys each query may see
+    mask: torch.Tensor  # [T, keys] bool: which keys each query may see
+    slot: torch.Tensor | None = None  # static step: the ring slot [1] the new key goes to
 
 
 class MLP(nn.Module):
@@ -114,7 +118,7 @@ class RecurrentBlock(nn.Module):
         T, width = u.shape[0], w.shape[1]
         conv = self.conv_1d.bias + sum(window[k:k + T] * w[:, k] for k in range(width))
         state.conv.copy_(window[T:])
-        u = self.rg_lru(conv, state.h, at_start=chunk.start == 0)
+        u = self.rg_lru(conv, state.h, at_start=chunk.start == 0)  # (a static step never starts a document)
         return self.linear_out(u * y)
 
 
@@ -145,22 +149,25 @@ class AttentionBlock(nn.Module):
         v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
 
         window = state.k.shape[0]
-        cached = min(chunk.start, window)  # filled ring slots (all of them once the window is full)
-        keys = torch.cat([state.k[:cached], k])  # [S, kv_heads, head_dim]
-        values = torch.cat([state.v[:cached], v])
-
-        group = self.heads // self.kv_heads
-        qg = q.view(T, self.kv_heads, group, self.head_dim).permute(1, 2, 0, 3)  # [kv, group, T, hd]
-        scores = torch.einsum("kgtd,skd->kgts", qg, keys) * self.head_dim ** -0.5
-        scores = scores.masked_fill(~chunk.mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
-        out = torch.einsum("kgts,skd->tkgd", probs, values).reshape(T, -1)
+        if chunk.slot is not None:  # static step: the whole ring buffer, unfilled slots masked out
+            keys, values = torch.cat([state.k, k]), torch.cat([state.v, v])
+        else:
+            cached = min(chunk.start, window)  # filled ring slots (all of them once the window is full)
+            keys, values = torch.cat([state.k[:cached], k]), torch.cat([state.v[:cached], v])  # [S, kv, hd]
+        # [T, heads, hd] as [heads, T, hd]; query heads share key/value heads in groups (enable_gqa)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                             attn_mask=chunk.mask, enable_gqa=True)
+        out = out.transpose(0, 1).reshape(T, -1)
 
         # Remember the newest keys and values; only the last `window` of a long chunk can matter later.
-        keep = min(T, window)
-        slots = torch.arange(chunk.start + T - keep, chunk.start + T, device=x.device) % window
-        state.k.index_copy_(0, slots, k[T - keep:])
-        state.v.index_copy_(0, slots, v[T - keep:])
+        if chunk.slot is not None:
+            state.k.index_copy_(0, chunk.slot, k)
+            state.v.index_copy_(0, chunk.slot, v)
+        else:
+            keep = min(T, window)
+            slots = torch.arange(chunk.start + T - keep, chunk.start + T, device=x.device) % window
+            state.k.index_copy_(0, slots, k[T - keep:])
+            state.v.index_copy_(0, slots, v[T - keep:])
         return self.o_proj(out)
 
 
@@ -185,6 +192,7 @@ class Griffin(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.width, dtype, device)
         self.layers = nn.ModuleList(ResidualBlock(config, kind, dtype, device) for kind in config.block_types)
         self.final_norm = RMSNorm(config.width, config.rms_eps, dtype, device)
+        self.graph_step = None  # the captured CUDA decode step, once made (rgchat/cuda_graph.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -197,13 +205,15 @@ class Griffin(nn.Module):
     def new_state(self) -> State:
         return State.empty(self.config, self.dtype, self.device)
 
+    def _inv_freq(self) -> torch.Tensor:
+        # RoPE rotates the first half of each head as two quarters: frequencies base^(-2i / half).
+        half = self.config.head_dim // 2
+        return self.config.rope_base ** (-torch.arange(0, half, 2, device=self.device, dtype=torch.float32) / half)
+
     def _chunk(self, start: int, length: int) -> Chunk:
         device, window = self.device, self.config.window
         q_pos = torch.arange(start, start + length, device=device)
-        # RoPE rotates the first half of each head as two quarters: frequencies base^(-2i / half).
-        half = self.config.head_dim // 2
-        inv_freq = self.config.rope_base ** (-torch.arange(0, half, 2, device=device, dtype=torch.float32) / half)
-        angles = q_pos[:, None].float() * inv_freq
+        angles = q_pos[:, None].float() * self._inv_freq()
         cached = min(start, window)
         # Ring slot s holds the latest position p < start with p % window == s.
         slot_pos = start - 1 - (start - 1 - torch.arange(cached, device=device)) % window
@@ -211,34 +221,65 @@ class Griffin(nn.Module):
         mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= q_pos[:, None] - window)
         return Chunk(start, angles.cos(), angles.sin(), mask)
 
+    def _static_chunk(self, pos: torch.Tensor) -> Chunk:
+        """One token at device position `pos` (0-d), in a form whose shapes never change, so that a step can
+        be captured once as a CUDA graph: attention reads the whole ring buffer with unfilled slots masked."""
+        window = self.config.window
+        angles = pos.float().reshape(1, 1) * self._inv_freq()
+        filled = torch.arange(window, device=pos.device) < pos
+        mask = torch.cat([filled, torch.ones(1, dtype=torch.bool, device=pos.device)])[None]
+        return Chunk(None, angles.cos(), angles.sin(), mask, slot=(pos % window).reshape(1))
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = False) -> torch.Tensor:
         """Run tokens [T] through the network from `state` (updated in place).
 
         Returns float32 logits for the last token [vocab], or for every token [T, vocab] if all_logits.
         """
-        chunk = self._chunk(state.pos, tokens.shape[0])
-        x = self.embed_tokens.lookup(tokens.to(self.device))
+        x = self._layers(tokens.to(self.device), state, self._chunk(state.pos, tokens.shape[0]))
+        state.pos += tokens.shape[0]
+        return self._logits(x if all_logits else x[-1])
+
+    @torch.inference_mode()
+    def step_static(self, token: torch.Tensor, pos: torch.Tensor, state: State) -> torch.Tensor:
+        """One decode step with the token [1] and its position (0-d) as device tensors, and shapes that never
+        change: what a CUDA graph captures. The caller advances `state.pos`."""
+        return self._logits(self._layers(token, state, self._static_chunk(pos))[-1])
+
+    def _layers(self, tokens: torch.Tensor, state: State, chunk: Chunk) -> torch.Tensor:
+        x = self.embed_tokens.lookup(tokens)
         x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         for layer, layer_state in zip(self.layers, state.layers, strict=True):
             x = layer(x, layer_state, chunk)
-        state.pos += tokens.shape[0]
-        if not all_logits:
-            x = x[-1]
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.embed_tokens.logits(self.final_norm(x)).float()
         cap = self.config.logit_cap
         return torch.tanh(logits / cap) * cap
 
-    def prefill(self, tokens: torch.Tensor, state: State, chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
+    @property
+    def prefill_chunk(self) -> int:
+        return PREFILL_CHUNK.get(self.device.type, PREFILL_CHUNK_ACCELERATOR)
+
+    def prefill(self, tokens: torch.Tensor, state: State, chunk_size: int | None = None) -> torch.Tensor:
         """Feed a prompt of any length in chunks, continuing from `state`; returns the last token's logits."""
         if tokens.numel() == 0:
             raise ValueError("prefill needs at least one token")
+        chunk_size = chunk_size or self.prefill_chunk
         for i in range(0, tokens.shape[0], chunk_size):
             logits = self.forward(tokens[i:i + chunk_size], state)
         return logits
 
     def step(self, token: int | torch.Tensor, state: State) -> torch.Tensor:
-        """Decode one token; returns its logits [vocab]."""
+        """Decode one token; returns its logits [vocab]. On CUDA the step replays a captured graph (see
+        rgchat/cuda_graph.py), whose logits buffer is overwritten by the next step."""
+        if self.device.type == "cuda" and state.pos > 0:
+            from rgchat import cuda_graph
+
+            runner = cuda_graph.runner(self, state)
+            if runner is not None:
+                return runner(token, state)
         return self.forward(torch.as_tensor(token).reshape(1), state)
 
     def weight_bytes(self) -> int:

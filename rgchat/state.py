@@ -70,6 +70,12 @@ class State:
             dst.copy_(src)
         self.pos = other.pos
 
+    def zero_(self) -> None:
+        """Empty again, in the same buffers (so a CUDA graph recorded for them stays valid)."""
+        for t in self.tensors():
+            t.zero_()
+        self.pos = 0
+
     def to(self, device: torch.device | str) -> State:
         return State([_map(layer, lambda t: t.to(device)) for layer in self.layers], self.pos)
 

@@ -28,6 +28,7 @@ def record_fed_tokens(s: ChatSession) -> list[int]:
         "prefill": lambda self, tokens, state: (fed.extend(tokens.tolist()), prefill(tokens, state))[1],
         "step": lambda self, token, state: (fed.append(token), step(token, state))[1],
         "device": s.model.device,
+        "prefill_chunk": s.model.prefill_chunk,
     })()
     return fed
 
@@ -145,7 +146,7 @@ def test_interrupt_during_prefill_withdraws_the_question(model, tokenizer_path):
     prefill = s.model.prefill
 
     class Interrupting:
-        device = s.model.device
+        device, prefill_chunk = s.model.device, s.model.prefill_chunk
 
         def prefill(self, tokens, state):
             s.interrupted = True

@@ -57,6 +57,23 @@ def test_window_follows_official_mask():
     assert (stepped - official).abs().max() < 1e-4
 
 
+def test_static_step_equals_the_step_before_and_after_the_window_fills():
+    """The graph-capturable step (whole ring buffer, device-side position) computes what the eager step does."""
+    config = GriffinConfig(**{**CYCLES.to_dict(), "window": 8})
+    model = tiny_model(config, seed=5)
+    tokens = random_tokens(30, config.vocab_size, seed=9)
+    eager, static = model.new_state(), model.new_state()
+    model.prefill(tokens[:3], eager)
+    model.prefill(tokens[:3], static)
+    for t in tokens[3:]:  # positions 3..29 cross the window (8) several times
+        expected = model.step(int(t), eager)
+        got = model.step_static(t.reshape(1), torch.tensor(static.pos), static)
+        static.pos += 1
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    for a, b in zip(eager.tensors(), static.tensors(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("window,chunk", [(8, 5), (8, 16), (64, 7)])
 def test_incremental_equals_one_pass(window, chunk):
     config = GriffinConfig(**{**CYCLES.to_dict(), "window": window})
