@@ -12,7 +12,7 @@ import torch
 from rgchat import __version__, modelfile
 from rgchat import config as config_lib
 from rgchat.compare import bench_hf
-from rgchat.device import peak_rss_bytes, process_age_s, reset_peak_rss, synchronize
+from rgchat.device import peak_rss_bytes, process_age_s, reset_peak_rss, rss_bytes, synchronize
 from rgchat.errors import RGChatError
 from rgchat.model import Griffin, random_tensors
 from rgchat.quant import convert_tensor, dtype_of, prepare_model_, quantizable_weights, swap_modules_
@@ -72,8 +72,6 @@ def checkpoints(n: int) -> list[int]:
 def long_run(model: Griffin, device: torch.device, n: int, seed: int = 0) -> list[dict]:
     """Greedy-decode n tokens from a short prompt, recording resident (and device) memory and the decode
     speed since the previous checkpoint: both must stay flat, since the state never grows."""
-    from rgchat.compare import _record
-
     state = model.new_state()
     token = int(torch.argmax(model.prefill(torch.arange(1, 17) * 7 + seed, state)))
     marks, records = checkpoints(n), []
@@ -82,10 +80,18 @@ def long_run(model: Griffin, device: torch.device, n: int, seed: int = 0) -> lis
         token = int(torch.argmax(model.step(token, state)))
         if done == marks[0]:
             now = time.perf_counter()
-            records.append(_record(done, (done - done_before) / (now - t0), device))
+            records.append(memory_record(done, (done - done_before) / (now - t0), device))
             t0, done_before = now, done
             marks.pop(0)
     return records
+
+
+def memory_record(tokens: int, tok_s: float, device: torch.device) -> dict:
+    """One checkpoint of a long generation: tokens so far, speed since the last one, memory now."""
+    record = {"tokens": tokens, "tok_s": round(tok_s, 3), "rss_bytes": rss_bytes()}
+    if device.type == "cuda":
+        record["device_bytes"] = torch.cuda.memory_allocated(device)
+    return record
 
 
 def drift(records: list[dict], key: str) -> float:

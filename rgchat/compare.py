@@ -10,7 +10,7 @@ import time
 import torch
 
 from rgchat.config import GriffinConfig
-from rgchat.device import peak_rss_bytes, reset_peak_rss, rss_bytes, synchronize
+from rgchat.device import peak_rss_bytes, reset_peak_rss, synchronize
 from rgchat.errors import RGChatError
 from rgchat.model import Griffin, random_tensors
 
@@ -95,7 +95,7 @@ def bench_hf(config: GriffinConfig, dtype: torch.dtype, device: torch.device, pr
 def _long_hf(hf, ids: torch.Tensor, n: int, device: torch.device) -> list[dict]:
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from rgchat.bench import checkpoints
+    from rgchat.bench import checkpoints, memory_record
 
     marks = checkpoints(n)
     records: list[dict] = []
@@ -108,7 +108,7 @@ def _long_hf(hf, ids: torch.Tensor, n: int, device: torch.device) -> list[dict]:
             if marks and done >= marks[0]:
                 synchronize(device)
                 now = time.perf_counter()
-                records.append(_record(done, (done - clock["tokens"]) / (now - clock["t"]), device))
+                records.append(memory_record(done, (done - clock["tokens"]) / (now - clock["t"]), device))
                 clock.update(t=now, tokens=done)
                 marks.pop(0)
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -116,10 +116,3 @@ def _long_hf(hf, ids: torch.Tensor, n: int, device: torch.device) -> list[dict]:
     hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                 stopping_criteria=StoppingCriteriaList([Record()]))
     return records
-
-
-def _record(tokens: int, tok_s: float, device: torch.device) -> dict:
-    record = {"tokens": tokens, "tok_s": round(tok_s, 3), "rss_bytes": rss_bytes()}
-    if device.type == "cuda":
-        record["device_bytes"] = torch.cuda.memory_allocated(device)
-    return record

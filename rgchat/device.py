@@ -31,30 +31,32 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process: since the last `reset_peak_rss()` where Linux allows it
-    (VmHWM), else over its whole life (ru_maxrss, KiB on Linux, bytes on macOS)."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (Linux), in bytes; None elsewhere."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process: since the last `reset_peak_rss()` where Linux allows it
+    (VmHWM), else over its whole life (ru_maxrss, KiB on Linux, bytes on macOS)."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
 def rss_bytes() -> int:
     """Resident memory of this process now (Linux); the peak where the current value is not available."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
+    now = _proc_status_bytes("VmRSS")
+    return now if now is not None else peak_rss_bytes()
 
 
 def reset_peak_rss() -> bool:

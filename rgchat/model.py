@@ -130,6 +130,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q [T, heads, hd] over keys and values [S, kv_heads, hd] where mask [T, S] allows; query
+    heads share key/value heads in consecutive groups. Returns [T, heads, hd].
+
+    On CUDA through scaled_dot_product_attention (fused kernels). Elsewhere as two einsums: on this CPU
+    torch's SDPA took 24 ms in bf16 for one token over 2,049 keys of the 2B shape, the einsums 0.6 ms."""
+    T, heads, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    if q.device.type == "cuda":
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                             attn_mask=mask, enable_gqa=True)
+        return out.transpose(0, 1)
+    qg = q.view(T, kv_heads, heads // kv_heads, head_dim).permute(1, 2, 0, 3)  # [kv, group, T, hd]
+    scores = torch.einsum("kgtd,skd->kgts", qg, keys) * head_dim ** -0.5
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.einsum("kgts,skd->tkgd", probs, values).reshape(T, heads, head_dim)
+
+
 class AttentionBlock(nn.Module):
     """Local multi-query attention over a ring buffer of the last `window` keys and values."""
 
@@ -154,10 +173,7 @@ class AttentionBlock(nn.Module):
         else:
             cached = min(chunk.start, window)  # filled ring slots (all of them once the window is full)
             keys, values = torch.cat([state.k[:cached], k]), torch.cat([state.v[:cached], v])  # [S, kv, hd]
-        # [T, heads, hd] as [heads, T, hd]; query heads share key/value heads in groups (enable_gqa)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                                             attn_mask=chunk.mask, enable_gqa=True)
-        out = out.transpose(0, 1).reshape(T, -1)
+        out = attend(q, keys, values, chunk.mask).reshape(T, -1)
 
         # Remember the newest keys and values; only the last `window` of a long chunk can matter later.
         if chunk.slot is not None:

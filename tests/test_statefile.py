@@ -84,15 +84,12 @@ def test_save_load_save_is_identical(tokenizer_path, tmp_path):
     assert "".join(resumed.ask(QUESTIONS[2])) == "".join(s.ask(QUESTIONS[2]))
 
 
-def test_ring_buffers_store_only_filled_slots(tokenizer_path, tmp_path):
-    loaded = loaded_model(tokenizer_path)
-    s = new_session(loaded)
+def test_ring_buffers_store_only_filled_slots(saved_file, tokenizer_path):
+    tensors = load_tensors(saved_file.read_bytes())
+    saved = statefile.load(saved_file)
+    assert tensors["layers.2.k"].shape[0] == saved.state.pos < CYCLES.window
+    s = new_session(loaded_model(tokenizer_path))  # the same conversation again, in memory
     "".join(s.ask("Hello there"))
-    path = tmp_path / "short.state"
-    statefile.save(path, s, loaded.identity())
-    tensors = load_tensors(path.read_bytes())
-    assert tensors["layers.2.k"].shape[0] == s.state.pos < CYCLES.window
-    saved = statefile.load(path)
     assert all(torch.equal(x, y) for x, y in zip(saved.state.tensors(), s.state.tensors(), strict=True))
 
 
