@@ -57,8 +57,9 @@ DeviceOpt = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then
 @app.command()
 @user_errors
 def run(
-    model: Annotated[str, typer.Argument(help="A model in the store, a model file, or a checkpoint (Hugging Face "
-                                              "folder or official .pt), converted into the store once.")],
+    model: Annotated[str, typer.Argument(help="A Hub alias (2b, 2b-it, 9b, 9b-it) or hf:OWNER/REPO, downloaded "
+                                              "once; a model in the store; a model file; or a checkpoint (Hugging "
+                                              "Face folder or official .pt), converted into the store once.")],
     prompt: Annotated[Optional[str], typer.Argument(help="Ask this and exit (stdin, when piped, is appended). "
                                                          "Without it, a terminal gets the interactive chat.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Continue the text as is, no chat template.")] = False,
