@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import pickle
 import re
-import shutil
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ from rgchat import __version__, modelfile
 from rgchat import config as config_lib
 from rgchat.config import GriffinConfig
 from rgchat.errors import RGChatError
+from rgchat.files import copy_atomically
 from rgchat.model import Griffin
 from rgchat.progress import Reporter
 from rgchat.quant import (
@@ -230,9 +229,7 @@ def convert(source: str | Path, precision: str, output: str | Path, *, name: str
     output.parent.mkdir(parents=True, exist_ok=True)
     modelfile.write(output, layout, metadata, converted())
     if not tokenizer_copy.exists():
-        tmp = tokenizer_copy.with_name(f".{TOKENIZER_FILE}.{os.getpid()}.tmp")
-        shutil.copyfile(ckpt.tokenizer_path, tmp)
-        os.replace(tmp, tokenizer_copy)
+        copy_atomically(ckpt.tokenizer_path, tokenizer_copy)
     return output
 
 

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from rgchat.errors import RGChatError
+from rgchat.files import copy_atomically
 from rgchat.progress import Reporter, Task
 
 ALIASES = {
@@ -287,14 +288,14 @@ def pull(model: HubModel, precision: str, keep_original: bool = False, progress:
             mf.verify(remember=False)
             if mf.precision != precision:
                 raise RGChatError(f"{model.repo_id}: {names[0]} holds {mf.precision} weights, not {precision}")
-            shutil.copyfile(paths["tokenizer.model"], target.parent / TOKENIZER_FILE)
+            copy_atomically(paths["tokenizer.model"], target.parent / TOKENIZER_FILE)
             _move_or_copy(paths[names[0]], target)
         else:
             source = paths["config.json"].parent
             if any(p.parent != source for p in paths.values()):  # mixed HF cache and fresh files: gather them
                 for name, p in paths.items():
                     if p.parent != folder:
-                        shutil.copyfile(p, folder / name)
+                        copy_atomically(p, folder / name)
                 source = folder
             log(f"rgchat: converting {model.repo_id} to {precision} into {target.parent} (once)")
             convert(source, precision, target, name=model.name,
@@ -329,9 +330,7 @@ def _move_or_copy(src: Path, dst: Path) -> None:
     from huggingface_hub import constants
 
     if Path(constants.HF_HUB_CACHE) in src.parents:
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+        copy_atomically(src, dst)
     else:
         src.replace(dst)
 

@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from rgchat import __version__
 from rgchat.chat import ChatSession, Turn
 from rgchat.config import RECURRENT, GriffinConfig
 from rgchat.errors import RGChatError
+from rgchat.files import write_atomically
 from rgchat.quant import dtype_of
 from rgchat.state import AttentionLayerState, RecurrentLayerState, State
 
@@ -99,23 +99,6 @@ def save(path: str | Path, session: ChatSession, identity: dict) -> None:
     }
     metadata["payload_sha256"] = payload_sha256(metadata, tensors)
     write_atomically(path, save_tensors(tensors, metadata))
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Whole or not at all: a crash, Ctrl-C or full disk leaves the previous file as it was."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RGChatError(f"{path}: could not write the state file ({e.strerror or e})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --- reading -------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from safetensors.torch import save as save_tensors
 
 from conftest import CYCLES, run_cli, tiny_model, write_hf_folder
 from test_modelfile import DERANDOMIZE, MAX_EXAMPLES
-from rgchat import statefile
+from rgchat import files, statefile
 from rgchat.chat import ChatSession, LoadedModel
 from rgchat.checkpoint import convert
 from rgchat.errors import RGChatError
@@ -205,7 +205,7 @@ def test_failed_write_keeps_the_old_file(saved_file, tokenizer_path, monkeypatch
     def full_disk(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(statefile.os, "fsync", full_disk)
+    monkeypatch.setattr(files.os, "fsync", full_disk)
     with pytest.raises(RGChatError, match="No space left"):
         statefile.save(saved_file, s, loaded.identity())
     assert saved_file.read_bytes() == before
