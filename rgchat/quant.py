@@ -9,6 +9,8 @@ never looks at the format.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,11 +104,23 @@ def _int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     return torch._int_mm(xq, q.t()).float() * x_scale * scale.float()
 
 
+@functools.cache
+def _cuda_int8_gemv():
+    """The Triton int8 matrix-vector kernel (kernels/triton_int8.py), or None without Triton."""
+    try:
+        from rgchat.kernels.triton_int8 import int8_gemv
+    except ImportError:
+        return None
+    return int8_gemv
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ (q * scale)^T without materialising the float weight when x has few rows."""
     rows = x.reshape(-1, x.shape[-1])
     if x.device.type == "cpu" and rows.shape[0] == 1:  # decode
         out = _int8_matvec(rows, q, scale).to(x.dtype)
+    elif x.device.type == "cuda" and rows.shape[0] == 1 and (gemv := _cuda_int8_gemv()) is not None:
+        out = gemv(rows, q, scale)
     elif (x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows.shape[0] <= INT8_KERNEL_MAX_ROWS
           and q.data_ptr() % 16 == 0):  # the kernel crashes on weights that are not 16-byte aligned
         out = torch._weight_int8pack_mm(rows.contiguous(), q, scale)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from conftest import BLOCKS, tiny_model
 from rgchat.quant import (
     INT4_GROUP, INT8_KERNEL_MAX_ROWS, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, dequantize_int4,
-    dequantize_int8, prepare_model_, quantize_int4, quantize_int8, quantize_model, unpack_int4,
+    dequantize_int8, int8_matmul, prepare_model_, quantize_int4, quantize_int8, quantize_model, unpack_int4,
 )
 
 
@@ -133,3 +133,19 @@ def test_int4_model_logits_stay_near_f32():
     assert cosine.mean() > 0.95, (float(cosine.mean()), float(top1))  # measured 0.966, top-1 0.98
     assert top1 >= 0.8
     assert model.weight_bytes() < reference.weight_bytes() / 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows,cols", [(7680, 2560), (256, 2560), (2560, 7680), (100, 96)])
+def test_cuda_int8_matvec_equals_the_dequantized_product(rows, cols):
+    from rgchat.kernels.triton_int8 import int8_gemv
+
+    gen = torch.Generator().manual_seed(rows + cols)
+    q, scale = quantize_int8(torch.randn(rows, cols, generator=gen))
+    x = torch.randn(1, cols, generator=gen).to(torch.bfloat16)
+    expected = x.float() @ dequantize_int8(q, scale).t()
+    got = int8_gemv(x.cuda(), q.cuda(), scale.cuda())
+    assert got.dtype == torch.bfloat16 and got.shape == (1, rows)
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+    # and through the module path a decode step takes
+    assert torch.equal(int8_matmul(x.cuda(), q.cuda(), scale.cuda()), got)

@@ -1,0 +1,42 @@
+"""int8 weights times one bfloat16 activation row on CUDA, as one Triton kernel (decode).
+
+torch has no CUDA kernel for weight-only int8 at batch 1; dequantizing the matrix on every call reads and
+writes it three times over. Here each program reads BLOCK_N rows of int8 weights once, converts them in
+registers, and scales the dot products by the rows' bfloat16 scales: y = (q * scale) x.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 16
+BLOCK_K = 512
+NUM_WARPS = 4
+
+
+@triton.jit
+def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(q_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, (acc * scale).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [1, K] (any float dtype) @ (q [N, K] int8 * scale [N])^T -> [1, N] in x's dtype."""
+    N, K = q.shape
+    assert x.shape == (1, K) and q.is_contiguous(), "one contiguous activation row and row-major weights"
+    x = x.contiguous()
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    _int8_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](x, q, scale, y, N, K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                                   num_warps=NUM_WARPS)
+    return y
