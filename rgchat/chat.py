@@ -51,12 +51,13 @@ class LoadedModel:
 
 def load(spec: str, precision: str | None, device: torch.device, log=print) -> LoadedModel:
     """MODEL as `rgchat run` takes it: a store name, a model file, or a checkpoint (converted once to
-    `precision`; by default int8, or bf16 on CUDA, where dense bfloat16 matmuls are the fast path)."""
+    `precision`, by default the device's `default_precision`)."""
     from rgchat.checkpoint import TOKENIZER_FILE, load_file
     from rgchat.modelfile import sha256_file
+    from rgchat.quant import default_precision
     from rgchat.store import resolve
 
-    wanted = precision or ("bf16" if device.type == "cuda" else "int8")
+    wanted = precision or default_precision(device)
     path = resolve(spec, wanted, log=log)
     model, mf = load_file(path, str(device))
     if precision and mf.precision != precision:
@@ -207,7 +208,7 @@ class ChatSession:
         """Rebuild the state by prefilling a transcript: with the turns' own token ids (same tokenizer), or
         with their texts encoded again."""
         self._reset()
-        close = [self.tokenizer.end_of_turn_id, *self.tokenizer.encode("\n")] if self.template else []
+        close = self._close_ids()
         for turn in turns:
             if reuse_ids:
                 ids = turn.ids
@@ -244,6 +245,10 @@ class ChatSession:
         del self.transcript[snap.turns:]
         self.recent.clear()
         self.recent.extend(snap.recent)
+
+    def _close_ids(self) -> list[int]:
+        """What ends an answer's turn in the chat template (`<end_of_turn>\n`); nothing in raw text."""
+        return [self.tokenizer.end_of_turn_id, *self.tokenizer.encode("\n")] if self.template else []
 
     def _turn_ids(self, text: str) -> list[int]:
         tok = self.tokenizer
@@ -297,8 +302,7 @@ class ChatSession:
             if tail:
                 yield tail
         fed = list(answer)
-        if self.template:  # close the turn, whatever ended it, so the next one starts cleanly
-            close = [self.tokenizer.end_of_turn_id, *self.tokenizer.encode("\n")]
+        if close := self._close_ids():  # close the turn, whatever ended it, so the next one starts cleanly
             self.model.prefill(torch.tensor(close, dtype=torch.long), self.state)
             fed += close
         self.transcript.append(Turn("model", self.tokenizer.decode(answer), fed))

@@ -150,12 +150,13 @@ def pull(
 ) -> None:
     """Download a model from the Hugging Face Hub (resuming, verified) and convert it into the store."""
     from rgchat import hub
+    from rgchat.quant import default_precision
 
     remote = hub.parse(model)
     if remote is None:
         raise UsageError(f"{model!r} is not a Hub model: use an alias ({', '.join(hub.ALIASES)}) or "
                          f"{hub.HUB_PREFIX}OWNER/REPO")
-    wanted = precision.value if precision else ("bf16" if device_lib.resolve("auto").type == "cuda" else "int8")
+    wanted = precision.value if precision else default_precision(device_lib.resolve("auto"))
     path = hub.pull(remote, wanted, keep_original, log=lambda line: print(line, file=sys.stderr))
     print(f"rgchat: {remote.entry_name(wanted)} is ready ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
 

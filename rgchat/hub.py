@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rgchat.errors import RGChatError
 from rgchat.files import copy_atomically
+from rgchat.modelfile import sha256_file
 from rgchat.progress import Reporter, Task
 
 ALIASES = {
@@ -163,11 +164,7 @@ def _wanted(model: HubModel, files: dict[str, RemoteFile], precision: str, fetch
 
 def _checksum_ok(path: Path, remote: RemoteFile) -> bool:
     if remote.sha256:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                h.update(block)
-        return h.hexdigest() == remote.sha256
+        return sha256_file(path) == remote.sha256
     if remote.git_sha1:
         data = path.read_bytes()
         return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == remote.git_sha1
