@@ -14,7 +14,7 @@ from rgchat import config as config_lib
 from rgchat.compare import bench_hf
 from rgchat.device import peak_rss_bytes, process_age_s, reset_peak_rss, rss_bytes, synchronize
 from rgchat.errors import RGChatError
-from rgchat.model import Griffin, random_tensors
+from rgchat.model import Griffin, fuse_projections_, random_tensors
 from rgchat.quant import convert_tensor, dtype_of, prepare_model_, quantizable_weights, swap_modules_
 
 
@@ -48,7 +48,8 @@ def random_model(shape: str, precision: str, device: torch.device, seed: int = 0
     """Random weights in the same modules a model file of `precision` loads into."""
     model, weights = random_weights(shape, precision, seed)
     model.load_state_dict({n: t.to(device) for n, t in weights.items()}, assign=True, strict=True)
-    return prepare_model_(model.eval())
+    prepare_model_(model.eval())
+    return fuse_projections_(model) if device.type != "cpu" else model
 
 
 def save_random_model(shape: str, precision: str, path: Path, seed: int = 0) -> Path:
@@ -172,7 +173,10 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
     first = int(torch.argmax(model.prefill(prompt[:16], state)))
     startup_s = process_age_s()
     model.prefill(prompt[:16], state)
-    model.step(first, state)
+    t0 = time.perf_counter()
+    model.step(first, state)  # on CUDA: compiles and records the step's graph
+    synchronize(device)
+    first_step_s = time.perf_counter() - t0
     build_peak_rss = peak_rss_bytes()
     reset_peak_rss()  # from here on: the memory that prefill and decode need
     state.zero_()
@@ -205,6 +209,7 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
         "ttft_s": round(prefill_s, 3),
         "load_s": round(load_s, 3),
         "startup_s": round(startup_s, 3) if startup_s is not None else None,
+        "first_step_s": round(first_step_s, 3),
         "peak_rss_bytes": peak_rss,  # during prefill and decode (whole run where not resettable)
         "build_peak_rss_bytes": build_peak_rss,
         "weight_bytes_per_token": weight_bytes,

@@ -51,13 +51,13 @@ class LoadedModel:
 
 def load(spec: str, precision: str | None, device: torch.device, log=print) -> LoadedModel:
     """MODEL as `rgchat run` takes it: a store name, a model file, or a checkpoint (converted once to
-    `precision`, by default the device's `default_precision`)."""
+    `precision`, by default int8)."""
     from rgchat.checkpoint import TOKENIZER_FILE, load_file
     from rgchat.modelfile import sha256_file
-    from rgchat.quant import default_precision
+    from rgchat.quant import DEFAULT_PRECISION
     from rgchat.store import resolve
 
-    wanted = precision or default_precision(device)
+    wanted = precision or DEFAULT_PRECISION
     path = resolve(spec, wanted, log=log)
     model, mf = load_file(path, str(device))
     if precision and mf.precision != precision:

@@ -23,7 +23,7 @@ from rgchat import config as config_lib
 from rgchat.config import GriffinConfig
 from rgchat.errors import RGChatError
 from rgchat.files import copy_atomically
-from rgchat.model import Griffin
+from rgchat.model import Griffin, fuse_projections_
 from rgchat.progress import Reporter
 from rgchat.quant import (
     check_precision, convert_tensor, dtype_of, packed_tensors, prepare_model_, quantizable_weights,
@@ -249,6 +249,8 @@ def load_file(path: str | Path, device: str = "cpu") -> tuple[Griffin, modelfile
     use_cache = precision == "int4" and device == "cpu"
     packed = _read_pack_cache(cache, mf) if use_cache else None
     prepare_model_(model, packed)
+    if device != "cpu":
+        fuse_projections_(model)
     if use_cache and packed is None:
         _write_pack_cache(cache, mf, model)
     if (device != "cpu" or precision == "int4") and hasattr(mf.buffer, "madvise"):

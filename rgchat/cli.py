@@ -83,7 +83,7 @@ def run(
     state: Annotated[Optional[Path], typer.Option(help="Resume the conversation saved in this file (start one "
                                                        "if it does not exist) and save it after every turn.")] = None,
     precision: Annotated[Optional[Precision], typer.Option(
-        help="Weights to convert a checkpoint to (by default int8, or bf16 on CUDA).")] = None,
+        help="Weights to convert a checkpoint to (by default int8).")] = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Chat with a model: interactively in a terminal, or answer PROMPT and/or stdin and exit."""
@@ -150,13 +150,13 @@ def pull(
 ) -> None:
     """Download a model from the Hugging Face Hub (resuming, verified) and convert it into the store."""
     from rgchat import hub
-    from rgchat.quant import default_precision
+    from rgchat.quant import DEFAULT_PRECISION
 
     remote = hub.parse(model)
     if remote is None:
         raise UsageError(f"{model!r} is not a Hub model: use an alias ({', '.join(hub.ALIASES)}) or "
                          f"{hub.HUB_PREFIX}OWNER/REPO")
-    wanted = precision.value if precision else default_precision(device_lib.resolve("auto"))
+    wanted = precision.value if precision else DEFAULT_PRECISION
     path = hub.pull(remote, wanted, keep_original, log=lambda line: print(line, file=sys.stderr))
     print(f"rgchat: {remote.entry_name(wanted)} is ready ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import struct
 from collections.abc import Mapping, Sequence
 
 from rgchat.errors import RGChatError
@@ -65,9 +66,11 @@ class GriffinConfig:
 
 
 def _round_to_bf16(value: float) -> float:
-    import torch
-
-    return float(torch.tensor(value, dtype=torch.bfloat16))
+    """Round to the nearest bfloat16 (ties to even) through float32's bits: no torch, which may be inside a
+    meta-device context while a model is built."""
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 def _pattern(num_layers: int, pattern: Sequence[str] = (RECURRENT, RECURRENT, ATTENTION)) -> tuple[str, ...]:

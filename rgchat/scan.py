@@ -144,6 +144,11 @@ def backend_for(device_type: str, choice: str = "auto") -> ScanBackend:
 
 def rglru(x: torch.Tensor, gate_x: torch.Tensor, gate_a: torch.Tensor, a_scale: torch.Tensor, h: torch.Tensor,
           reset: torch.Tensor | None = None) -> torch.Tensor:
-    """The RG-LRU on x's device through its chosen backend; arguments as for `rglru_torch`."""
+    """The RG-LRU on x's device through its chosen backend; arguments as for `rglru_torch`.
+
+    While torch.compile traces (the CUDA decode step), the PyTorch version is used: the compiler fuses its
+    element-wise math with the neighbouring operations, where a kernel call would stay a launch of its own."""
+    if torch.compiler.is_compiling():
+        return rglru_torch(x, gate_x, gate_a, a_scale, h, reset)
     backend = backend_for(x.device.type, os.environ.get(ENV_VAR, "auto"))
     return backend.fn(x, gate_x, gate_a, a_scale, h, reset)

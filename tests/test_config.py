@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from conftest import BLOCKS, CYCLES, hf_config_json
 from rgchat.config import ATTENTION, RECURRENT, GriffinConfig, from_hf_config, preset
@@ -27,6 +28,9 @@ def test_hf_config_round_trip(config):
 
 def test_embed_scale_is_rounded_to_bf16():
     assert preset("2b").embed_scale == 50.5 and preset("9b").embed_scale == 64.0
+    for width in range(1, 5000):  # the pure-Python rounding agrees with torch's
+        scale = GriffinConfig(**{**preset("2b").to_dict(), "width": width, "lru_width": width, "num_heads": 1}).embed_scale
+        assert scale == float(torch.tensor(width ** 0.5, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("change", [{"model_type": "gemma"}, {"hidden_size": None}, {"partial_rotary_factor": 1.0}])

@@ -3,7 +3,7 @@ import torch
 
 from conftest import BLOCKS, CYCLES, greedy_tokens, tiny_model, transformers_model
 from rgchat.config import ATTENTION, PRESETS, RECURRENT, GriffinConfig
-from rgchat.model import Griffin
+from rgchat.model import Griffin, fuse_projections_
 from rgchat.state import State
 
 
@@ -57,21 +57,25 @@ def test_window_follows_official_mask():
     assert (stepped - official).abs().max() < 1e-4
 
 
-def test_static_step_equals_the_step_before_and_after_the_window_fills():
-    """The graph-capturable step (whole ring buffer, device-side position) computes what the eager step does."""
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "torch.compile"])
+def test_static_step_equals_the_step_before_and_after_the_window_fills(traced):
+    """The graph-capturable step (whole ring buffer, device-side position) computes what the eager step does,
+    also as torch.compile traces it for CUDA (here with the aot_eager backend, which needs no compiler: it
+    checks the tracing, in-place state updates included; the CUDA tests run the real compiler)."""
     config = GriffinConfig(**{**CYCLES.to_dict(), "window": 8})
-    model = tiny_model(config, seed=5)
+    model = fuse_projections_(tiny_model(config, seed=5)) if traced else tiny_model(config, seed=5)
+    static_step = torch.compile(model.step_static, dynamic=False, backend="aot_eager") if traced else model.step_static
     tokens = random_tokens(30, config.vocab_size, seed=9)
     eager, static = model.new_state(), model.new_state()
     model.prefill(tokens[:3], eager)
     model.prefill(tokens[:3], static)
     for t in tokens[3:]:  # positions 3..29 cross the window (8) several times
         expected = model.step(int(t), eager)
-        got = model.step_static(t.reshape(1), torch.tensor(static.pos), static)
+        got = static_step(t.reshape(1), torch.tensor(static.pos), static)
         static.pos += 1
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
     for a, b in zip(eager.tensors(), static.tensors(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("window,chunk", [(8, 5), (8, 16), (64, 7)])
@@ -157,3 +161,24 @@ def test_long_prompts_are_processed_in_bounded_chunks(monkeypatch):
     assert max(n for n, _ in seen) == 256 and sum(n for n, _ in seen) == 3000 and state.pos == 3000
     assert [pos for _, pos in seen] == list(range(0, 3000, 256))
     assert state.layers[2].k.shape[0] == 64  # the attention memory is the window, whatever the length
+
+
+@pytest.mark.parametrize("precision", ["f32", "int8"])
+def test_fused_projections_compute_the_same(precision):
+    """fuse_projections_ (used off the CPU) joins q/k/v, gate/up and linear_y/linear_x into single matrices:
+    same logits for a prompt and for decode steps, same weight bytes, the separate matrices gone."""
+    from rgchat.quant import quantize_model
+
+    plain = quantize_model(tiny_model(CYCLES, seed=21), precision)
+    fused = fuse_projections_(quantize_model(tiny_model(CYCLES, seed=21), precision))
+    assert fused.weight_bytes() == plain.weight_bytes()
+    names = {name.rsplit(".", 2)[-2] for name, _ in fused.named_parameters()} | {
+        name.rsplit(".", 2)[-2] for name, _ in fused.named_buffers()}
+    assert {"qkv_proj", "gate_up_proj", "linear_yx"} <= names
+    assert not {"q_proj", "gate_proj", "linear_x"} & names
+    tokens = random_tokens(30, CYCLES.vocab_size, seed=22)
+    states = plain.new_state(), fused.new_state()
+    a, b = plain.prefill(tokens, states[0]), fused.prefill(tokens, states[1])
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    for token in random_tokens(5, CYCLES.vocab_size, seed=23):
+        torch.testing.assert_close(fused.step(token, states[1]), plain.step(token, states[0]), rtol=1e-4, atol=1e-4)
