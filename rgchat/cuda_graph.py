@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 
@@ -42,7 +43,10 @@ class GraphStep:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         try:
-            with torch.cuda.stream(side):  # warm-up off the main stream, as capture requires: compiles kernels
+            with torch.cuda.stream(side), warnings.catch_warnings():  # warm-up off the main stream, as capture
+                # requires; it compiles. The kernel lookups it meets are functools.cache'd imports, constant
+                # for the process, which torch.compile warns about needlessly.
+                warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools")
                 for _ in range(WARMUP_STEPS):
                     step(self.token, self.pos, state)
             torch.cuda.current_stream(device).wait_stream(side)

@@ -111,13 +111,13 @@ def _int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 @functools.cache
-def _cuda_int8_gemv():
-    """The Triton int8 matrix-vector kernel (kernels/triton_int8.py), or None without Triton."""
+def _triton_gemv():
+    """The Triton matrix-vector kernels for quantized weights (kernels/triton_gemv.py), or None without Triton."""
     try:
-        from rgchat.kernels.triton_int8 import int8_gemv
+        from rgchat.kernels import triton_gemv
     except ImportError:
         return None
-    return int8_gemv
+    return triton_gemv
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -125,8 +125,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     rows = x.reshape(-1, x.shape[-1])
     if x.device.type == "cpu" and rows.shape[0] == 1:  # decode
         out = _int8_matvec(rows, q, scale).to(x.dtype)
-    elif x.device.type == "cuda" and rows.shape[0] == 1 and (gemv := _cuda_int8_gemv()) is not None:
-        out = gemv(rows, q, scale)
+    elif x.device.type == "cuda" and rows.shape[0] == 1 and (kernels := _triton_gemv()) is not None:
+        out = kernels.int8_gemv(rows, q, scale)
     elif (x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows.shape[0] <= INT8_KERNEL_MAX_ROWS
           and q.data_ptr() % 16 == 0):  # the kernel crashes on weights that are not 16-byte aligned
         out = torch._weight_int8pack_mm(rows.contiguous(), q, scale)
@@ -204,7 +204,8 @@ _PACK_ROWS = 4096  # torch's CPU int4 packing is local to blocks of 64 rows: pac
 
 class _Int4Weight(nn.Module):
     """int4 storage plus, once `prepare()` ran, what the device's matmul wants: on CPU torch's packed int4
-    layout (bf16 activations, tensors with rows a multiple of 16), elsewhere a dequantized bf16 copy."""
+    layout (bf16 activations, tensors with rows a multiple of 16); on CUDA the stored int4 itself (a Triton
+    kernel reads it for one row, longer inputs dequantize per call); elsewhere a dequantized bf16 copy."""
 
     def __init__(self, out_features: int, in_features: int, device=None):
         super().__init__()
@@ -234,6 +235,8 @@ class _Int4Weight(nn.Module):
                 parts.append(torch._convert_weight_to_int4pack_for_cpu(values[:n].view(n, 2 * half), 1))
             scales_and_zeros = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
             self.use_packed(torch.cat(parts), scales_and_zeros)
+        elif self.weight.device.type == "cuda" and _triton_gemv() is not None:
+            self.runtime = ("cuda", self.weight, self.scale, self.zero)
         else:
             self.runtime = ("dense", dequantize_int4(self.weight, self.scale, self.zero, torch.bfloat16))
             self._drop_storage()
@@ -254,6 +257,11 @@ class _Int4Weight(nn.Module):
         if self.runtime[0] == "cpu":
             out = torch._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16).contiguous(), self.runtime[1],
                                                     self.group, self.runtime[2]).to(x.dtype)
+        elif self.runtime[0] == "cuda":
+            if rows.shape[0] == 1:
+                out = _triton_gemv().int4_gemv(rows, *self.runtime[1:])
+            else:  # prefill: dequantizing costs little next to a matrix product over many rows
+                out = F.linear(rows, dequantize_int4(*self.runtime[1:], rows.dtype))
         else:
             out = F.linear(rows, self.runtime[1].to(x.dtype))
         return out.reshape(*x.shape[:-1], -1)

@@ -138,7 +138,7 @@ def test_int4_model_logits_stay_near_f32():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows,cols", [(7680, 2560), (256, 2560), (2560, 7680), (100, 96)])
 def test_cuda_int8_matvec_equals_the_dequantized_product(rows, cols):
-    from rgchat.kernels.triton_int8 import int8_gemv
+    from rgchat.kernels.triton_gemv import int8_gemv
 
     gen = torch.Generator().manual_seed(rows + cols)
     q, scale = quantize_int8(torch.randn(rows, cols, generator=gen))
@@ -149,3 +149,33 @@ def test_cuda_int8_matvec_equals_the_dequantized_product(rows, cols):
     torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
     # and through the module path a decode step takes
     assert torch.equal(int8_matmul(x.cuda(), q.cuda(), scale.cuda()), got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows,cols", [(7680, 2560), (2560, 7680), (100, 96)])
+def test_cuda_int4_matvec_equals_the_dequantized_product(rows, cols):
+    from rgchat.kernels.triton_gemv import int4_gemv
+
+    gen = torch.Generator().manual_seed(rows + cols)
+    packed, scale, zero = quantize_int4(torch.randn(rows, cols, generator=gen))
+    x = torch.randn(1, cols, generator=gen).to(torch.bfloat16)
+    expected = x.float() @ dequantize_int4(packed, scale, zero).t()
+    got = int4_gemv(x.cuda(), packed.cuda(), scale.cuda(), zero.cuda())
+    assert got.dtype == torch.bfloat16 and got.shape == (1, rows)
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int4_model_on_cuda_runs_from_its_int4_weights():
+    """On CUDA int4 stays int4 in GPU memory: decode steps through the Triton kernel, prefill dequantizes."""
+    tokens = torch.randint(0, BLOCKS.vocab_size, (40,), generator=torch.Generator().manual_seed(3))
+    reference = tiny_model(BLOCKS, seed=5, out_gain=1.0)
+    want = reference.forward(tokens, reference.new_state(), all_logits=True)
+    model = quantize_model(tiny_model(BLOCKS, seed=5, dtype=torch.bfloat16, out_gain=1.0).to("cuda"), "int4")
+    assert {m.runtime[0] for m in model.modules() if isinstance(m, (Int4Linear, Int4Embedding))} == {"cuda"}
+    state = model.new_state()
+    got = [model.forward(tokens[:30], state, all_logits=True).cpu()]  # many rows: dequantized
+    got += [model.step(int(t), state).cpu()[None] for t in tokens[30:]]  # one row: the kernel
+    cosine = F.cosine_similarity(torch.cat(got), want, dim=-1)
+    assert cosine.mean() > 0.95, float(cosine.mean())
+    assert model.weight_bytes() < reference.weight_bytes() / 4
