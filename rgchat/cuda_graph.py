@@ -4,9 +4,8 @@ from Python they cost more than the step's memory traffic. So the step is first 
 graph, which launches them all at once. The graph is recorded for one State's buffers (a new State, e.g.
 after /clear, records a new one) and replayed with the token and position written into static device tensors.
 
-Compiling took 35 s (2B bf16) and 62 s (2B int8) on an H200 on a first start, 14 s once torch's on-disk cache
-held the result.
-RGCHAT_COMPILE=0 skips it (a graph of the plain step: slower per token, quick to start); RGCHAT_CUDA_GRAPHS=0
+Compiling took 35 s (2B bf16), 62 s (int8) and 95 s (int4) on an H200 on a first start, 14 s (bf16) once
+torch's on-disk cache held the result. RGCHAT_COMPILE=0 skips it (a graph of the plain step: slower per token, quick to start); RGCHAT_CUDA_GRAPHS=0
 turns graphs off altogether (eager steps)."""
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ def runner(model: Griffin, state: State) -> GraphStep | None:
     if model.graph_step is None:
         compile = os.environ.get(COMPILE_ENV_VAR, "1") != "0"
         if compile:
-            _notice("compiling the CUDA decode step (up to a minute on a first start, less once cached; "
+            _notice("compiling the CUDA decode step (a minute or more on a first start, less once cached; "
                     "RGCHAT_COMPILE=0 skips it)")
         model.graph_step = _capture(model, state, compile)
     elif not model.graph_step.serves(state):
