@@ -14,8 +14,8 @@ from rgchat import config as config_lib
 from rgchat.compare import bench_hf
 from rgchat.device import peak_rss_bytes, process_age_s, reset_peak_rss, rss_bytes, synchronize
 from rgchat.errors import RGChatError
-from rgchat.model import Griffin, fuse_projections_, random_tensors
-from rgchat.quant import convert_tensor, dtype_of, prepare_model_, quantizable_weights, swap_modules_
+from rgchat.model import Griffin, random_tensors, ready_for_device_
+from rgchat.quant import convert_tensor, dtype_of, quantizable_weights, swap_modules_
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -48,8 +48,7 @@ def random_model(shape: str, precision: str, device: torch.device, seed: int = 0
     """Random weights in the same modules a model file of `precision` loads into."""
     model, weights = random_weights(shape, precision, seed)
     model.load_state_dict({n: t.to(device) for n, t in weights.items()}, assign=True, strict=True)
-    prepare_model_(model.eval())
-    return fuse_projections_(model) if device.type != "cpu" else model
+    return ready_for_device_(model.eval())
 
 
 def save_random_model(shape: str, precision: str, path: Path, seed: int = 0) -> Path:

@@ -23,10 +23,10 @@ from rgchat import config as config_lib
 from rgchat.config import GriffinConfig
 from rgchat.errors import RGChatError
 from rgchat.files import copy_atomically
-from rgchat.model import Griffin, fuse_projections_
+from rgchat.model import Griffin, ready_for_device_
 from rgchat.progress import Reporter
 from rgchat.quant import (
-    check_precision, convert_tensor, dtype_of, packed_tensors, prepare_model_, quantizable_weights,
+    check_precision, convert_tensor, dtype_of, packed_tensors, quantizable_weights,
     swap_modules_,
 )
 
@@ -248,9 +248,7 @@ def load_file(path: str | Path, device: str = "cpu") -> tuple[Griffin, modelfile
     cache = mf.path.with_name(f"{mf.path.name}.int4pack-torch-{torch.__version__}")
     use_cache = precision == "int4" and device == "cpu"
     packed = _read_pack_cache(cache, mf) if use_cache else None
-    prepare_model_(model, packed)
-    if device != "cpu":
-        fuse_projections_(model)
+    ready_for_device_(model, packed)
     if use_cache and packed is None:
         _write_pack_cache(cache, mf, model)
     if (device != "cpu" or precision == "int4") and hasattr(mf.buffer, "madvise"):

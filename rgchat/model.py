@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rgchat.config import RECURRENT, GriffinConfig
-from rgchat.quant import Embedding, Linear, fuse_linears
+from rgchat.quant import Embedding, Linear, fuse_linears, prepare_model_
 from rgchat.scan import rglru
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
 
@@ -336,8 +336,8 @@ def fuse_projections_(model: Griffin) -> Griffin:
     """Join the projections that share an input into one matrix each (their separate copies are freed).
 
     On CUDA a decode step then launches a third fewer matrix-vector products, each longer and so nearer the
-    memory bandwidth. Loaders call it off the CPU only: there the weights are pages of the mmap'd model file,
-    and a joined copy would double the resident memory of those matrices."""
+    memory bandwidth. Loaders call it off the CPU only (`ready_for_device_`): there the weights are pages of
+    the mmap'd model file, and a joined copy would double the resident memory of those matrices."""
     for module in model.modules():
         for fused_name, names in FUSED_PROJECTIONS.get(type(module), {}).items():
             fused = fuse_linears([getattr(module, name) for name in names])
@@ -346,6 +346,14 @@ def fuse_projections_(model: Griffin) -> Griffin:
                 for name in names:
                     setattr(module, name, None)
     return model
+
+
+def ready_for_device_(model: Griffin, packed: dict[str, torch.Tensor] | None = None) -> Griffin:
+    """The last loading step, shared by model files and the bench's random models: quantized weights readied
+    for their device (`prepare_model_`, with int4's cached CPU packing if given), and off the CPU the
+    projections joined (`fuse_projections_`)."""
+    prepare_model_(model, packed)
+    return fuse_projections_(model) if model.device.type != "cpu" else model
 
 
 def random_tensors(model: Griffin, seed: int = 0, out_gain: float = 4.0):
