@@ -299,7 +299,7 @@ def time_state_file(shape: str, precision: str, folder: Path, repeats: int = 3) 
         statefile.save(path, session, identity)
         save_s = min(save_s, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        statefile.restore(session, statefile.load_for(path, identity))
+        statefile.restore(session, statefile.load(path, identity))
         load_s = min(load_s, time.perf_counter() - t0)
     size = path.stat().st_size
     path.unlink()

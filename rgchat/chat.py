@@ -12,7 +12,7 @@ import hashlib
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import torch
 
@@ -68,9 +68,13 @@ def load(spec: str, precision: str | None, device: torch.device, log=print) -> L
     if tokenizer.vocab_size > model.config.vocab_size:
         raise RGChatError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} pieces but "
                           f"the model only {model.config.vocab_size}: wrong tokenizer for this model")
+    tokenizer_sha256 = sha256_file(tokenizer_path)
+    if mf.metadata.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
+        raise RGChatError(f"{tokenizer_path}: not the tokenizer {path} was converted with; convert the "
+                          "checkpoint again (`rgchat run CHECKPOINT` does it) or put its tokenizer.model back")
     weights = hashlib.sha256(mf.metadata["tensor_sha256"].encode()).hexdigest()
     return LoadedModel(model, tokenizer, mf.metadata.get("name", path.parent.name), mf.precision, weights,
-                       sha256_file(tokenizer_path), spec)
+                       tokenizer_sha256, spec)
 
 
 @dataclasses.dataclass
@@ -132,10 +136,11 @@ class StopText:
 
 @dataclasses.dataclass
 class Snapshot:
-    """The conversation as it was before the last exchange (one only: memory must not grow with length)."""
+    """The conversation as it was before the last exchange or /clear (one only: memory must not grow with
+    length)."""
 
     state: State
-    turns: int  # transcript length
+    transcript: list[Turn]  # a copy of the list (the turns themselves are never changed)
     recent: list[int]
     valid: bool = False
 
@@ -157,7 +162,7 @@ class ChatSession:
         self.stats = Stats()
         self.interrupted = False  # set (by a signal handler) to stop the answer after the current token
         self.on_change: Callable[[ChatSession], None] | None = None  # called when the conversation changed
-        self._before_last = Snapshot(self.state.clone(), 0, [])
+        self._before_last = Snapshot(self.state.clone(), [], [])
 
     @property
     def stop_ids(self) -> set[int]:
@@ -168,17 +173,28 @@ class ChatSession:
 
     def ask(self, text: str) -> Iterator[str]:
         """Add a user turn and stream the answer as text pieces. Afterwards the turn is closed in the state
-        (also when the answer was cut short), `transcript` holds both turns and `stats` what it cost."""
+        (also when the answer was cut short), `transcript` holds both turns and `stats` what it cost.
+
+        Should the turn fail (an exception, or a consumer that stops reading), the question is withdrawn:
+        state and transcript are as before it. `on_change` runs once the turn is complete."""
         self._remember()
-        ids = self._turn_ids(text)
-        self.transcript.append(Turn("user", text, ids))
-        yield from self._answer(ids)
+        try:
+            ids = self._turn_ids(text)
+            self.transcript.append(Turn("user", text, ids))
+            answered = yield from self._answer(ids)
+        except BaseException:
+            self._restore()
+            self._before_last.valid = False
+            raise
+        if answered:
+            self._changed()
 
     def regen(self) -> Iterator[str]:
         """Answer the last question again, from the state saved before it was asked."""
-        if not self._before_last.valid:
+        before = self._before_last
+        if not before.valid or len(self.transcript) <= len(before.transcript):
             raise ValueError("nothing to regenerate yet")
-        question = self.transcript[self._before_last.turns].text
+        question = self.transcript[len(before.transcript)].text
         self.undo()
         yield from self.ask(question)
 
@@ -191,9 +207,12 @@ class ChatSession:
         self._changed()
 
     def clear(self) -> None:
-        """A fresh conversation: empty state and transcript."""
-        self._reset()
-        self._changed()
+        """A fresh conversation: empty state and transcript. `undo` brings the last one back until the next
+        turn, so `on_change` is not called (a saved conversation is rewritten at the next turn)."""
+        self._remember()
+        self.state.zero_()
+        self.transcript.clear()
+        self.recent.clear()
 
     def resume(self, state: State, transcript: list[Turn], recent: list[int]) -> None:
         """Continue a saved conversation: its state (copied onto this model's device), transcript, and the
@@ -237,12 +256,12 @@ class ChatSession:
     def _remember(self) -> None:
         snap = self._before_last
         snap.state.copy_(self.state)  # into buffers allocated once
-        snap.turns, snap.recent, snap.valid = len(self.transcript), list(self.recent), True
+        snap.transcript, snap.recent, snap.valid = list(self.transcript), list(self.recent), True
 
     def _restore(self) -> None:
         snap = self._before_last
         self.state.copy_(snap.state)
-        del self.transcript[snap.turns:]
+        self.transcript[:] = snap.transcript
         self.recent.clear()
         self.recent.extend(snap.recent)
 
@@ -259,7 +278,9 @@ class ChatSession:
             text = f"{self.system}\n\n{text}"  # Gemma has no system role: it heads the first user turn
         return ids + tok.chat_prompt(text)
 
-    def _answer(self, ids: list[int]) -> Iterator[str]:
+    def _answer(self, ids: list[int]) -> Generator[str, None, bool]:
+        """Prefill the turn and stream its answer; returns whether the conversation changed (False when an
+        interrupted prefill withdrew the question)."""
         self.interrupted = False
         stats = self.stats = Stats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
@@ -271,7 +292,7 @@ class ChatSession:
                 self._restore()
                 self._before_last.valid = False
                 stats.stop_reason = "interrupted"
-                return
+                return False
         stats.prefill_s = time.perf_counter() - t0
 
         detok, stop_text = StreamingDetokenizer(self.tokenizer), StopText(self.stop)
@@ -307,7 +328,7 @@ class ChatSession:
             fed += close
         self.transcript.append(Turn("model", self.tokenizer.decode(answer), fed))
         stats.peak_memory_bytes = peak_memory_bytes(self.model.device)
-        self._changed()
+        return True
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -22,7 +22,7 @@ from rgchat import __version__, modelfile
 from rgchat import config as config_lib
 from rgchat.config import GriffinConfig
 from rgchat.errors import RGChatError
-from rgchat.files import copy_atomically
+from rgchat.files import copy_atomically, open_regular, read_bounded, writable_target
 from rgchat.model import Griffin, ready_for_device_
 from rgchat.progress import Reporter
 from rgchat.quant import (
@@ -31,6 +31,7 @@ from rgchat.quant import (
 )
 
 TOKENIZER_FILE = "tokenizer.model"
+MAX_JSON_BYTES = 16 << 20  # config.json and the shard index are a few KB; refuse anything near this
 
 
 def _official_to_hf(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -82,6 +83,7 @@ def _hf_name(name: str) -> str | None:
 
 
 def _read_pt(path: Path) -> dict[str, torch.Tensor]:
+    open_regular(path).close()  # torch.load would read a device or FIFO without end
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -98,10 +100,14 @@ def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(read_bounded(index, MAX_JSON_BYTES, "a safetensors index"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not an object of file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise RGChatError(f"{index}: not a valid safetensors index ({e})") from None
         files = [folder / f for f in sorted(set(weight_map.values()))]
+        if any(Path(f).name != f for f in weight_map.values()):
+            raise RGChatError(f"{index}: names files outside its folder")
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -109,6 +115,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
     for f in files:
         if not f.exists():
             raise RGChatError(f"{f}: missing (listed in the safetensors index)")
+        open_regular(f).close()
     return files
 
 
@@ -138,9 +145,11 @@ class Checkpoint:
     def _read_config(self) -> GriffinConfig:
         if self.kind == "hf":
             try:
-                data = json.loads((self.path / "config.json").read_text())
+                data = json.loads(read_bounded(self.path / "config.json", MAX_JSON_BYTES, "a config.json"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RGChatError(f"{self.path / 'config.json'}: not valid JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise RGChatError(f"{self.path / 'config.json'}: not a JSON object")
             return config_lib.from_hf_config(data)
         shapes = {name: tuple(t.shape) for name, t in self.tensors()}
         return config_lib.from_hf_shapes(shapes)
@@ -166,9 +175,9 @@ class Checkpoint:
 def source_info(ckpt: Checkpoint) -> dict:
     """What a converted file records about where its weights came from (checksums of every source file)."""
     if ckpt.kind == "official":
-        files = [ckpt.pt_file]
+        files = [ckpt.pt_file, ckpt.tokenizer_path]
     else:
-        files = sorted(f for f in ckpt.path.iterdir() if f.suffix in (".json", ".safetensors"))
+        files = sorted(f for f in ckpt.path.iterdir() if f.suffix in (".json", ".safetensors") or f.name == TOKENIZER_FILE)
     return {
         "path": str(ckpt.path.resolve()),
         "kind": ckpt.kind,
@@ -178,16 +187,22 @@ def source_info(ckpt: Checkpoint) -> dict:
 
 
 def source_name(path: Path) -> str:
-    """A checkpoint's name: its folder's name, or the .pt file's stem ("2b-it" for 2b-it.pt)."""
+    """A checkpoint's name: its Hub repo's for a snapshot in the Hugging Face cache, else its folder's name,
+    or the .pt file's stem ("2b-it" for 2b-it.pt)."""
+    from rgchat.hub import cached_repo
+
+    if (repo := cached_repo(path)) is not None:
+        return repo.name
     return path.stem if path.is_file() else path.name
 
 
 def convert(source: str | Path, precision: str, output: str | Path, *, name: str | None = None,
-            origin: dict | None = None, progress: Reporter | None = None) -> Path:
+            origin: dict | None = None, progress: Reporter | None = None, own_folder: bool = False) -> Path:
     """Convert a checkpoint into one model file of `precision`, streaming tensor by tensor.
 
-    The tokenizer is copied beside the output as tokenizer.model. `name` overrides the model's name (its
-    folder's), `origin` adds to the recorded source (the Hub repo and revision of a download).
+    The tokenizer is copied beside the output as tokenizer.model; another tokenizer already there is
+    refused unless the folder is the output's own (`own_folder`: a store entry). `name` overrides the
+    model's name (its folder's), `origin` adds to the recorded source (the Hub repo and revision).
     """
     ckpt = Checkpoint(source)
     output = Path(output)
@@ -200,7 +215,8 @@ def convert(source: str | Path, precision: str, output: str | Path, *, name: str
     layout = {n: (t.dtype, tuple(t.shape)) for n, t in swap_modules_(model, precision).state_dict().items()}
     tokenizer_copy = output.parent / TOKENIZER_FILE
     tokenizer_sha = modelfile.sha256_file(ckpt.tokenizer_path)
-    if tokenizer_copy.exists() and modelfile.sha256_file(tokenizer_copy) != tokenizer_sha:
+    stale_tokenizer = tokenizer_copy.exists() and modelfile.sha256_file(tokenizer_copy) != tokenizer_sha
+    if stale_tokenizer and not own_folder:
         raise RGChatError(f"{tokenizer_copy} exists and is another tokenizer: choose another output folder")
     metadata = {
         "name": name or source_name(ckpt.path),
@@ -226,10 +242,16 @@ def convert(source: str | Path, precision: str, output: str | Path, *, name: str
         if task:
             task.done()
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    modelfile.write(output, layout, metadata, converted())
-    if not tokenizer_copy.exists():
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RGChatError(f"{output.parent}: cannot create the folder ({e.strerror or e})") from None
+    writable_target(output)  # refused before anything is written beside it
+    # The tokenizer first: the model file, which records the tokenizer's checksum, is what makes the pair
+    # valid, so a crash in between leaves a pair that `chat.load` refuses and the store converts again.
+    if stale_tokenizer or not tokenizer_copy.exists():
         copy_atomically(ckpt.tokenizer_path, tokenizer_copy)
+    modelfile.write(output, layout, metadata, converted())
     return output
 
 
@@ -284,5 +306,5 @@ def _write_pack_cache(path: Path, mf: modelfile.ModelFile, model: Griffin) -> No
     metadata = {"config": mf.metadata["config"], "precision": "int4", "model_stamp": _model_stamp(mf)}
     try:
         modelfile.write(path, layout, metadata, tensors.items(), PACK_CACHE_FORMAT)
-    except OSError:  # a read-only folder: pack again next time
+    except RGChatError:  # a read-only folder: pack again next time
         pass

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.exceptions import TyperException
 
 from rgchat import device as device_lib
 from rgchat.config import PRESETS
@@ -27,7 +31,8 @@ app = typer.Typer(
 )
 
 def user_errors(command: Callable) -> Callable:
-    """Turn the errors users can cause into one line on stderr and an exit code, never a traceback."""
+    """Turn the errors users can cause into one line on stderr and an exit code, never a traceback. Anything
+    else the system raises gets one line too (RGCHAT_DEBUG=1 shows the traceback instead)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -40,8 +45,16 @@ def user_errors(command: Callable) -> Callable:
             print("rgchat: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
         except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
-            sys.stderr.close()
             raise typer.Exit(0) from None
+        except (typer.Exit, typer.Abort, TyperException):  # typer's own exits and usage errors
+            raise
+        except Exception as e:
+            if os.environ.get("RGCHAT_DEBUG"):
+                raise
+            where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+            what = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            print(f"rgchat: error: {where}{what}", file=sys.stderr)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -88,38 +101,50 @@ def run(
 ) -> None:
     """Chat with a model: interactively in a terminal, or answer PROMPT and/or stdin and exit."""
     from rgchat import chat as chat_lib
-    from rgchat import pipe
+    from rgchat import pipe, statefile
 
     if raw and chat:
-        raise typer.BadParameter("--raw and --chat exclude each other")
-    interactive = prompt is None and not lines and sys.stdin.isatty() and sys.stdout.isatty()
-    loaded = chat_lib.load(model, precision.value if precision else None, device_lib.resolve(device.value),
-                           log=lambda line: print(line, file=sys.stderr))
-    sampler = sampling.Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
-    session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, sampler, max_tokens=max_tokens, system=system,
-                                   stop=tuple(stop or ()), template=chat or (loaded.instruction_tuned and not raw))
-    if state:
-        from rgchat import statefile
+        raise UsageError("--raw and --chat exclude each other")
+    prompt = pipe.decode_argument(prompt, "PROMPT", sys.stderr)
+    system = pipe.decode_argument(system, "--system", sys.stderr)
+    stops = tuple(pipe.decode_argument(text, "--stop", sys.stderr) for text in stop or ())
+    try:
+        sampler = sampling.Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if sys.stdout is None:
+        raise RGChatError("standard output is closed: nowhere to write the answer (redirect it to a file)")
+    stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()  # a closed stdin reads as empty
+    stdin_is_terminal = sys.stdin is not None and sys.stdin.isatty()
+    interactive = prompt is None and not lines and stdin_is_terminal and sys.stdout.isatty()
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    # The state file is locked, and known to be writable, before any model runs.
+    conversation = statefile.StateFile(state) if state else None
+    try:
+        saved = conversation.read() if conversation else None
+        loaded = chat_lib.load(model, precision.value if precision else None, device_lib.resolve(device.value),
+                               log=log)
+        session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, sampler, max_tokens=max_tokens, system=system,
+                                       stop=stops, template=chat or (loaded.instruction_tuned and not raw))
+        if saved is not None:
+            statefile.resume(session, saved, loaded.identity(), template=True if chat else False if raw else None,
+                             seed=seed, system=system, warn=log)
+        if conversation is not None:
+            session.on_change = lambda s: conversation.write(s, loaded.identity())
+        if interactive:
+            from rich.console import Console
 
-        if state.exists():  # resume: the conversation's own mode, system text and random stream
-            saved = statefile.load_for(state, loaded.identity())
-            if (raw and saved.template) or (chat and not saved.template):
-                raise RGChatError(f"{state} holds a {'chat' if saved.template else 'raw text'} conversation: "
-                                  "leave out --raw/--chat")
-            statefile.restore(session, saved)
-        session.on_change = lambda s: statefile.save(state, s, loaded.identity())
-    if interactive:
-        from rich.console import Console
+            from rgchat.repl import Repl
 
-        from rgchat.repl import Repl
-
-        Repl(session, loaded, Console(highlight=False), verbose).run()
-    elif lines:
-        pipe.answer_lines(session, sys.stdin.buffer, sys.stdout, sys.stderr, verbose, stats_json)
-    else:
-        stdin = None if sys.stdin.isatty() and prompt is not None else sys.stdin.buffer
-        text = pipe.read_prompt(prompt, stdin, sys.stderr)
-        pipe.answer(session, text, sys.stdout, sys.stderr, verbose, stats_json)
+            Repl(session, loaded, Console(highlight=False), verbose, conversation).run()
+        elif lines:
+            pipe.answer_lines(session, prompt, stdin, sys.stdout, sys.stderr, verbose, stats_json)
+        else:
+            text = pipe.read_prompt(prompt, None if stdin_is_terminal and prompt is not None else stdin, sys.stderr)
+            pipe.answer(session, text, sys.stdout, sys.stderr, verbose, stats_json)
+    finally:
+        if conversation is not None:
+            conversation.close()
 
 
 @app.command()
@@ -131,11 +156,13 @@ def convert(
                                                    "[default: into the store, as NAME-PRECISION].")] = None,
 ) -> None:
     """Convert a checkpoint into one rgchat model file (tokenizer.model is copied beside it)."""
+    from rgchat.checkpoint import Checkpoint
     from rgchat.checkpoint import convert as convert_checkpoint
-    from rgchat.store import entry_name, entry_path
+    from rgchat.store import checkpoint_entry
 
-    src = Path(source).expanduser()
-    path = convert_checkpoint(src, precision.value, output or entry_path(entry_name(src, precision.value)))
+    ckpt = Checkpoint(source)
+    target = output or checkpoint_entry(ckpt, precision.value)
+    path = convert_checkpoint(ckpt.path, precision.value, target, own_folder=output is None)
     print(f"rgchat: wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
 
 
@@ -158,7 +185,7 @@ def pull(
                          f"{hub.HUB_PREFIX}OWNER/REPO")
     wanted = precision.value if precision else DEFAULT_PRECISION
     path = hub.pull(remote, wanted, keep_original, log=lambda line: print(line, file=sys.stderr))
-    print(f"rgchat: {remote.entry_name(wanted)} is ready ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
+    print(f"rgchat: {path.parent.name} is ready ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
 
 
 @app.command("list")
@@ -167,7 +194,7 @@ def list_models(
     available: Annotated[bool, typer.Option("--available", help="List the Hub aliases and their sizes per "
                                                                "precision instead.")] = False,
 ) -> None:
-    """List the models in the store: name, precision, size on disk, source."""
+    """List the models in the store: name, precision, size on disk, source (or what is wrong with it)."""
     from rgchat.store import list_entries, store_dir
 
     if available:
@@ -181,16 +208,27 @@ def list_models(
         print(f"rgchat: no models in {store_dir()} yet (`rgchat convert` or `rgchat run` adds them)",
               file=sys.stderr)
     for e in entries:
-        print(f"{e.name}\t{e.precision}\t{e.size / 2**30:.2f} GiB\t{e.source}")
+        print(f"{e.name}\t{e.precision}\t{e.size / 2**30:.2f} GiB\t{f'DAMAGED: {e.damage}' if e.damage else e.source}")
 
 
 @app.command()
 @user_errors
-def show(model: Annotated[str, typer.Argument(help="A model in the store, or a model file.")]) -> None:
+def show(model: Annotated[str, typer.Argument(help="A model in the store, its folder, or a model file.")]) -> None:
     """Show a model's config, precision, sizes and state size."""
     from rgchat.store import show_lines
 
     for label, value in show_lines(model):
+        print(f"{label}: {value}")
+
+
+@app.command()
+@user_errors
+def verify(model: Annotated[str, typer.Argument(help="A model in the store, its folder, or a model file.")]) -> None:
+    """Hash every tensor and the tokenizer against the checksums recorded when the model was made (loading
+    skips this for a file unchanged since its last check)."""
+    from rgchat.store import verify as verify_model
+
+    for label, value in verify_model(model):
         print(f"{label}: {value}")
 
 
@@ -237,13 +275,15 @@ def state_replay(
     from rgchat import statefile
 
     saved = statefile.load(file)
-    loaded = chat_lib.load(model, precision.value if precision else None, device_lib.resolve(device.value),
-                           log=lambda line: print(line, file=sys.stderr))
-    session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, sampling.Sampler(), template=saved.template)
-    statefile.replay(saved, session, same_tokenizer=saved.identity.get("tokenizer_sha256") == loaded.tokenizer_sha256)
-    statefile.save(output or file, session, loaded.identity())
+    with contextlib.closing(statefile.StateFile(output or file)) as out:  # locked and writable before the model runs
+        loaded = chat_lib.load(model, precision.value if precision else None, device_lib.resolve(device.value),
+                               log=lambda line: print(line, file=sys.stderr))
+        session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, sampling.Sampler(), template=saved.template)
+        statefile.replay(saved, session,
+                         same_tokenizer=saved.identity.get("tokenizer_sha256") == loaded.tokenizer_sha256)
+        out.write(session, loaded.identity())
     print(f"rgchat: replayed {len(saved.transcript)} turns ({session.state.pos} tokens) with {loaded.name} "
-          f"into {output or file}", file=sys.stderr)
+          f"into {out.path}", file=sys.stderr)
 
 
 @app.command()
@@ -327,7 +367,24 @@ def doctor() -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        _release_stdout()
+
+
+def _release_stdout() -> None:
+    """Flush stdout now. If it cannot take what is left (full, closed, its reader gone), point it at
+    /dev/null, so that the interpreter's own flush at exit has nothing to complain about."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ import errno
 import hashlib
 import importlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 from rgchat.errors import RGChatError
-from rgchat.files import copy_atomically
+from rgchat.files import copy_atomically, open_regular, read_bounded, write_atomically
 from rgchat.modelfile import sha256_file
 from rgchat.progress import Reporter, Task
 
@@ -47,12 +48,10 @@ class HubModel:
 
     @property
     def name(self) -> str:
-        """The store name's stem: the repo's name for Google's repos, OWNER--REPO for any other."""
+        """The model's name and store name's stem: the repo's name for Google's repos, OWNER--REPO for any
+        other."""
         owner, repo = self.repo_id.split("/")
         return repo if owner == "google" else f"{owner}--{repo}"
-
-    def entry_name(self, precision: str) -> str:
-        return f"{self.name}-{precision}"
 
 
 def parse(spec: str) -> HubModel | None:
@@ -66,6 +65,20 @@ def parse(spec: str) -> HubModel | None:
     if len(parts) != 2 or not all(parts) or any(p.startswith(".") for p in parts):
         raise RGChatError(f"{spec!r}: write a Hub model as hf:OWNER/REPO or hf:OWNER/REPO@REVISION")
     return HubModel(repo_id, revision or None)
+
+
+def cached_repo(path: Path) -> HubModel | None:
+    """The repo of a snapshot folder (or a file in one) in a Hugging Face cache:
+    .../models--OWNER--REPO/snapshots/COMMIT[/FILE]."""
+    folder = path.parent if path.is_file() else path
+    resolved = folder.resolve()
+    for snapshot in (folder, resolved):
+        repo_folder = snapshot.parent.parent
+        if snapshot.parent.name == "snapshots" and repo_folder.name.startswith("models--"):
+            owner, sep, repo = repo_folder.name[len("models--"):].partition("--")
+            if sep and owner and repo:
+                return HubModel(f"{owner}/{repo}")
+    return None
 
 
 # --- errors users meet, in one or two lines ---------------------------------------------------------------
@@ -137,6 +150,8 @@ def _remote_files(model: HubModel) -> tuple[str, dict[str, RemoteFile]]:
     info = _hub_call(model, HfApi().model_info, model.repo_id, revision=model.revision, files_metadata=True)
     files = {}
     for s in info.siblings or []:
+        if Path(s.rfilename).is_absolute() or ".." in Path(s.rfilename).parts:
+            continue  # never a path outside the download folder
         lfs = s.lfs
         files[s.rfilename] = RemoteFile(s.rfilename, lfs.size if lfs else (s.size or 0),
                                         lfs.sha256 if lfs else None, None if lfs else s.blob_id)
@@ -152,8 +167,13 @@ def _wanted(model: HubModel, files: dict[str, RemoteFile], precision: str, fetch
         raise RGChatError(f"{model.repo_id} is not a RecurrentGemma checkpoint rgchat can use ({missing[0]} is "
                           f"missing, and there is no {prebuilt_file(precision)})")
     if INDEX_FILE in files:
-        index = json.loads(fetch(INDEX_FILE).read_text())
-        shards = sorted(set(index.get("weight_map", {}).values()))
+        from rgchat.checkpoint import MAX_JSON_BYTES
+
+        try:
+            index = json.loads(read_bounded(fetch(INDEX_FILE), MAX_JSON_BYTES, "a safetensors index"))
+            shards = sorted(set(index.get("weight_map", {}).values()))
+        except (ValueError, AttributeError, TypeError) as e:
+            raise RGChatError(f"{model.repo_id}: {INDEX_FILE} is not a valid index ({e})") from None
         if not shards or any(s not in files for s in shards):
             raise RGChatError(f"{model.repo_id}: {INDEX_FILE} names shards the repo does not have")
         return [*CHECKPOINT_FILES, INDEX_FILE, *shards], False
@@ -166,8 +186,11 @@ def _checksum_ok(path: Path, remote: RemoteFile) -> bool:
     if remote.sha256:
         return sha256_file(path) == remote.sha256
     if remote.git_sha1:
-        data = path.read_bytes()
-        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == remote.git_sha1
+        with open_regular(path) as f:
+            h = hashlib.sha1(b"blob %d\0" % os.fstat(f.fileno()).st_size)
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest() == remote.git_sha1
     return True
 
 
@@ -256,9 +279,9 @@ def pull(model: HubModel, precision: str, keep_original: bool = False, progress:
     when it is already there; otherwise download (resuming), verify, convert and drop the raw files."""
     from rgchat import modelfile
     from rgchat.checkpoint import TOKENIZER_FILE, convert
-    from rgchat.store import entry_path, store_dir
+    from rgchat.store import ORIGIN_FILE, entry_for, entry_path, store_dir
 
-    target = entry_path(model.entry_name(precision))
+    target = entry_path(entry_for(model.name, precision, f"hf:{model.repo_id}"))
     if target.is_file():
         return target
     try:
@@ -269,7 +292,8 @@ def pull(model: HubModel, precision: str, keep_original: bool = False, progress:
             raise
         log(f"rgchat: the Hub is out of reach; converting {model.repo_id} from the HF cache ({snapshot})")
         return convert(snapshot, precision, target, name=model.name,
-                       origin={"repo": model.repo_id, "revision": model.revision or "main"}, progress=progress)
+                       origin={"repo": model.repo_id, "revision": model.revision or "main"}, progress=progress,
+                       own_folder=True)
     folder = store_dir() / DOWNLOADS / model.name / commit
     folder.mkdir(parents=True, exist_ok=True)
     progress = progress or Reporter()
@@ -286,6 +310,7 @@ def pull(model: HubModel, precision: str, keep_original: bool = False, progress:
             if mf.precision != precision:
                 raise RGChatError(f"{model.repo_id}: {names[0]} holds {mf.precision} weights, not {precision}")
             copy_atomically(paths["tokenizer.model"], target.parent / TOKENIZER_FILE)
+            write_atomically(target.parent / ORIGIN_FILE, f"hf:{model.repo_id}\n".encode())
             _move_or_copy(paths[names[0]], target)
         else:
             source = paths["config.json"].parent
@@ -297,7 +322,7 @@ def pull(model: HubModel, precision: str, keep_original: bool = False, progress:
             log(f"rgchat: converting {model.repo_id} to {precision} into {target.parent} (once)")
             convert(source, precision, target, name=model.name,
                     origin={"repo": model.repo_id, "revision": model.revision or "main", "commit": commit},
-                    progress=progress)
+                    progress=progress, own_folder=True)
     if keep_original:
         log(f"rgchat: the original files stay in {folder}")
     else:

@@ -21,6 +21,7 @@ import torch
 
 from rgchat.config import GriffinConfig
 from rgchat.errors import RGChatError
+from rgchat.files import atomic_writer, open_regular, read_bounded, write_atomically
 
 FORMAT = "rgchat-model"
 VERSION = 1
@@ -36,7 +37,7 @@ ALIGN = 64
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -59,38 +60,29 @@ def _header_bytes(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metada
 def write(path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str],
           tensors: Iterable[tuple[str, torch.Tensor]], file_format: str = FORMAT) -> None:
     """Write every tensor of `layout` (in any order) to `path`, atomically: a temp file, fsync, rename."""
-    path = Path(path)
     placeholder = {name: _HASH_PLACEHOLDER for name in layout}
     meta = {"format": file_format, "format_version": str(VERSION), **metadata}
     header, offsets = _header_bytes(layout, meta, placeholder)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     hashes: dict[str, str] = {}
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.truncate(len(header) + max((end for _, end in offsets.values()), default=0))
-            for name, tensor in tensors:
-                dtype, shape = layout[name]
-                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                    raise RGChatError(f"tensor {name}: got {tensor.dtype} {tuple(tensor.shape)}, "
-                                      f"expected {dtype} {tuple(shape)}")
-                data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy
-                f.seek(len(header) + offsets[name][0])
-                f.write(data)
-                hashes[name] = hashlib.sha256(data).hexdigest()
-            missing = set(layout) - set(hashes)
-            if missing:
-                raise RGChatError(f"conversion produced no data for {len(missing)} tensors, e.g. {min(missing)}")
-            final, _ = _header_bytes(layout, meta, hashes)
-            assert len(final) == len(header)  # same length: hashes replace placeholders of equal size
-            f.seek(0)
-            f.write(final)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        f.write(header)
+        f.truncate(len(header) + max((end for _, end in offsets.values()), default=0))
+        for name, tensor in tensors:
+            dtype, shape = layout[name]
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise RGChatError(f"tensor {name}: got {tensor.dtype} {tuple(tensor.shape)}, "
+                                  f"expected {dtype} {tuple(shape)}")
+            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy
+            f.seek(len(header) + offsets[name][0])
+            f.write(data)
+            hashes[name] = hashlib.sha256(data).hexdigest()
+        missing = set(layout) - set(hashes)
+        if missing:
+            raise RGChatError(f"conversion produced no data for {len(missing)} tensors, e.g. {min(missing)}")
+        final, _ = _header_bytes(layout, meta, hashes)
+        assert len(final) == len(header)  # same length: hashes replace placeholders of equal size
+        f.seek(0)
+        f.write(final)
 
 
 @dataclasses.dataclass
@@ -135,25 +127,24 @@ class ModelFile:
         st = self.path.stat()
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
-    def verify(self, threads: int = 2, remember: bool = True) -> None:
+    def verify(self, threads: int = 2, remember: bool = True, force: bool = False) -> None:
         """Check every tensor against its sha256 in the metadata (hashing in parallel threads).
 
         Hashing a 2.7 GB file takes about a second, so a pass is remembered in FILE.verified (size, mtime,
-        inode); later loads of the unchanged file skip the hashing. Any write to the file changes its mtime.
+        inode); later loads of the unchanged file skip the hashing (unless `force`). Any write to the file
+        changes its mtime; damage that keeps it (bit rot) is found only by a forced check (`rgchat verify`).
         """
         stamp_file = self.path.with_name(self.path.name + ".verified")
         try:
-            if remember and json.loads(stamp_file.read_text()) == self.stamp():
+            if remember and not force and json.loads(read_bounded(stamp_file, 4096)) == self.stamp():
                 return
-        except (OSError, ValueError):
+        except (RGChatError, ValueError):
             pass
         self._verify_all(threads)
         if remember:
             try:
-                tmp = stamp_file.with_name(f".{stamp_file.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(self.stamp()))
-                os.replace(tmp, stamp_file)
-            except OSError:  # a read-only folder: verify again next time
+                write_atomically(stamp_file, json.dumps(self.stamp()).encode())
+            except RGChatError:  # a read-only folder: verify again next time
                 pass
 
     def _verify_all(self, threads: int) -> None:
@@ -184,23 +175,24 @@ def _valid_entry(entry) -> bool:
     return 0 <= begin <= end and end - begin == numel * torch.empty(0, dtype=dtype).element_size()
 
 
-def open_file(path: str | Path, file_format: str = FORMAT) -> ModelFile:
-    """Open and sanity-check a model file (header, format, version, sizes); data is mapped, not read."""
-    path = Path(path)
+def _read_header(path: Path, f) -> tuple[dict, int, int]:
+    """(header, where the data starts, file size), or one clear error."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise RGChatError(f"{path}: too short to be an rgchat model file")
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > min(size - 8, 100 << 20):
-                raise RGChatError(f"{path}: not an rgchat model file (bad header length)")
-            header = json.loads(f.read(header_len))
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise RGChatError(f"{path}: too short to be an rgchat model file")
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > min(size - 8, 100 << 20):
+            raise RGChatError(f"{path}: not an rgchat model file (bad header length)")
+        header = json.loads(f.read(header_len))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise RGChatError(f"{path}: not a readable rgchat model file ({e})") from None
     if not isinstance(header, dict):
         raise RGChatError(f"{path}: not an rgchat model file (bad header)")
+    return header, 8 + header_len, size
+
+
+def _checked_metadata(path: Path, header: dict, file_format: str) -> dict[str, str]:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or metadata.get("format") != file_format:
         raise RGChatError(f"{path}: a safetensors file, but not an rgchat model file "
@@ -213,6 +205,28 @@ def open_file(path: str | Path, file_format: str = FORMAT) -> ModelFile:
         raise RGChatError(f"{path}: written by a newer rgchat (model format {version}); upgrade rgchat")
     if version < 1 or not {"config", "precision", "tensor_sha256"} <= set(metadata):
         raise RGChatError(f"{path}: rgchat model file with missing or bad metadata")
+    return metadata
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A model file's metadata alone, also when its tensor data is damaged or cut short (to tell where a
+    damaged store entry came from)."""
+    path = Path(path)
+    with open_regular(path) as f:
+        header, _, _ = _read_header(path, f)
+    return _checked_metadata(path, header, FORMAT)
+
+
+def open_file(path: str | Path, file_format: str = FORMAT) -> ModelFile:
+    """Open and sanity-check a model file (header, format, version, sizes); data is mapped, not read."""
+    path = Path(path)
+    with open_regular(path) as f:
+        header, data_start, size = _read_header(path, f)
+        try:
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as e:
+            raise RGChatError(f"{path}: not a readable rgchat model file ({e})") from None
+    metadata = _checked_metadata(path, header, file_format)
     try:  # every structured field parses now, so later use cannot fail half way
         GriffinConfig.from_dict(json.loads(metadata["config"]))
         hashes = json.loads(metadata["tensor_sha256"])
@@ -221,7 +235,6 @@ def open_file(path: str | Path, file_format: str = FORMAT) -> ModelFile:
             raise ValueError("tensor_sha256 is not an object")
     except (ValueError, TypeError, AttributeError, ZeroDivisionError, RGChatError) as e:
         raise RGChatError(f"{path}: rgchat model file with damaged metadata ({e})") from None
-    data_start = 8 + header_len
     for name, entry in header.items():
         if not _valid_entry(entry):
             raise RGChatError(f"{path}: damaged header entry for tensor {name!r}")

@@ -1,8 +1,10 @@
 """Non-interactive use, when stdin is not a terminal: one answer to PROMPT and stdin, or with --lines one
-answer per stdin line in one conversation. stdout gets the answers and nothing else; notes go to stderr."""
+answer per stdin line in one conversation. stdout gets the answers and nothing else; notes go to stderr.
+An answer that cannot be written (stdout full or gone) stops the turn, which is then withdrawn."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import BinaryIO, TextIO
 
@@ -12,14 +14,36 @@ from rgchat.errors import RGChatError, UsageError
 MAX_INPUT_BYTES = 32 << 20  # far beyond any sane prompt; refuse rather than tokenize gigabytes
 
 
-def decode_input(data: bytes, err: TextIO) -> str:
+def decode_input(data: bytes, err: TextIO, what: str = "input") -> str:
     """UTF-8 text; invalid bytes become U+FFFD, with one warning line."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        print(f"rgchat: warning: input is not valid UTF-8 (byte {e.start}); invalid bytes were replaced",
+        print(f"rgchat: warning: {what} is not valid UTF-8 (byte {e.start}); invalid bytes were replaced",
               file=err)
         return data.decode("utf-8", errors="replace")
+
+
+def decode_argument(text: str | None, what: str, err: TextIO) -> str | None:
+    """A command-line argument as valid text: Python keeps bytes that are not UTF-8 as lone surrogates,
+    which no tokenizer takes; they become U+FFFD, with one warning line."""
+    if text is None:
+        return None
+    return decode_input(text.encode("utf-8", "surrogateescape"), err, what)
+
+
+class OutputError(RGChatError):
+    """The answer could not be written to stdout."""
+
+
+def emit(out: TextIO, text: str) -> None:
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as e:  # full (/dev/full), closed, or gone
+        raise OutputError(f"cannot write the answer to standard output ({getattr(e, 'strerror', None) or e})") from None
 
 
 def read_prompt(prompt: str | None, stdin: BinaryIO | None, err: TextIO) -> str:
@@ -39,26 +63,36 @@ def read_prompt(prompt: str | None, stdin: BinaryIO | None, err: TextIO) -> str:
 def answer(session: ChatSession, text: str, out: TextIO, err: TextIO, verbose: bool = False,
            stats_json: bool = False) -> None:
     """Stream one answer to `out`, ending with a newline. Ctrl-C stops it and then exits 130."""
-    with ctrl_c_stops(session):
-        for piece in session.ask(text):
-            out.write(piece)
-            out.flush()
-    out.write("\n")
-    out.flush()
+    try:
+        with ctrl_c_stops(session), contextlib.closing(session.ask(text)) as pieces:
+            for piece in pieces:
+                emit(out, piece)
+    except (OutputError, BrokenPipeError):
+        raise
+    except BaseException:
+        emit(out, "\n")  # what was shown of the answer still ends its line
+        raise
+    emit(out, "\n")
     report(session, err, verbose, stats_json)
     if session.stats.stop_reason == "interrupted":
         raise KeyboardInterrupt
 
 
-def answer_lines(session: ChatSession, stdin: BinaryIO, out: TextIO, err: TextIO, verbose: bool = False,
-                 stats_json: bool = False) -> None:
-    """Each non-blank stdin line is one user turn, answered as it arrives."""
+def answer_lines(session: ChatSession, prompt: str | None, stdin: BinaryIO, out: TextIO, err: TextIO,
+                 verbose: bool = False, stats_json: bool = False) -> None:
+    """Each non-blank stdin line is one user turn, answered as it arrives; PROMPT, when given, heads every
+    line as it heads stdin without --lines (PROMPT, a blank line, the line)."""
+    answered = False
     while line := stdin.readline(MAX_INPUT_BYTES + 1):
         if len(line) > MAX_INPUT_BYTES:
             raise RGChatError(f"an input line is longer than {MAX_INPUT_BYTES >> 20} MiB")
         text = decode_input(line, err).rstrip("\r\n")
         if text.strip():
-            answer(session, text, out, err, verbose, stats_json)
+            answer(session, f"{prompt}\n\n{text}" if prompt and prompt.strip() else text, out, err, verbose,
+                   stats_json)
+            answered = True
+    if not answered:
+        raise UsageError("nothing to answer: --lines answers each non-blank line of stdin, and there was none")
 
 
 def report(session: ChatSession, err: TextIO, verbose: bool, stats_json: bool) -> None:

@@ -4,9 +4,11 @@ keeps the conversation."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,9 +16,10 @@ import platformdirs
 from rich.console import Console
 from rich.table import Table
 
-from rgchat import statefile
+from rgchat import files, statefile
 from rgchat.chat import ChatSession, LoadedModel, ctrl_c_stops
 from rgchat.errors import RGChatError
+from rgchat.sampling import validate
 
 try:  # line editing and history; absent on some platforms, where plain input() still works
     import readline
@@ -32,14 +35,16 @@ HELP = f"""\
 /set                  show the settings; /set NAME VALUE changes one (see below)
 /show                 model, settings, position and state size
 /stats                what the last answer cost
-/clear                start a fresh conversation
-/undo                 go back to before the last exchange
+/clear                start a fresh conversation (/undo brings the last one back)
+/undo                 go back to before the last exchange or /clear
 /regen                answer the last question again
 /save FILE            save the conversation (its state) to FILE
-/load FILE            resume a conversation saved with /save
+/load FILE            resume a conversation saved with /save (with --state, later turns are saved to FILE)
 /bye                  exit (also Ctrl-D)
+//TEXT                send /TEXT as a message (a message that starts with /)
 {FENCE} ... {FENCE}       a message over several lines (pasting several lines works too)
 Ctrl-C                stop the answer (the conversation keeps what was said)"""
+MAX_HISTORY_BYTES = 16 << 20
 
 
 def history_path() -> Path:
@@ -54,39 +59,40 @@ class Setting:
     put: Callable[[ChatSession, object], None]
 
 
-def _number(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], object]:
-    def parse(text: str):
-        value = kind(text)
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise ValueError(f"must be between {low} and {high}" if high is not None else f"must be at least {low}")
-        return value
-
-    return parse
+def _sampler_setting(name: str) -> Setting:
+    kind = int if name == "top_k" else float
+    return Setting(lambda text: validate(name, kind(text)), lambda s: getattr(s.sampler, name),
+                   lambda s, v: setattr(s.sampler, name, v))
 
 
-def _sampler_setting(name: str, parse: Callable[[str], object]) -> Setting:
-    return Setting(parse, lambda s: getattr(s.sampler, name), lambda s, v: setattr(s.sampler, name, v))
+def _max_tokens(text: str) -> int:
+    if (value := int(text)) < 1:
+        raise ValueError("must be at least 1")
+    return value
 
 
 SETTINGS: dict[str, Setting] = {
-    "temperature": _sampler_setting("temperature", _number(float, 0.0)),
-    "top_k": _sampler_setting("top_k", _number(int, 0)),
-    "top_p": _sampler_setting("top_p", _number(float, 0.0, 1.0)),
-    "min_p": _sampler_setting("min_p", _number(float, 0.0, 1.0)),
-    "repeat_penalty": _sampler_setting("repeat_penalty", _number(float, 0.01)),
-    "seed": Setting(lambda t: None if t.lower() == "none" else int(t),
+    **{name: _sampler_setting(name) for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")},
+    "seed": Setting(lambda t: None if t.lower() == "none" else validate("seed", int(t)),
                     lambda s: s.sampler.seed, lambda s, v: s.sampler.reseed(v)),
-    "max_tokens": Setting(_number(int, 1), lambda s: s.max_tokens, lambda s, v: setattr(s, "max_tokens", v)),
+    "max_tokens": Setting(_max_tokens, lambda s: s.max_tokens, lambda s, v: setattr(s, "max_tokens", v)),
     "system": Setting(lambda t: t or None, lambda s: s.system, lambda s, v: setattr(s, "system", v)),
 }
 
 
 class Repl:
-    def __init__(self, session: ChatSession, model: LoadedModel, console: Console, verbose: bool = False):
+    """The interactive chat. `state_file`, when given (`--state`), is where the conversation is saved after
+    every turn; `/load` moves it to the loaded file."""
+
+    def __init__(self, session: ChatSession, model: LoadedModel, console: Console, verbose: bool = False,
+                 state_file: statefile.StateFile | None = None):
         self.session, self.model, self.console, self.verbose = session, model, console, verbose
         self.label = model.name
+        self.state_file = state_file
 
     def run(self) -> None:
+        with contextlib.suppress(AttributeError, ValueError):  # typed bytes that are not UTF-8 become U+FFFD
+            sys.stdin.reconfigure(errors="replace")
         self._start_history()
         mode = "chat" if self.session.template else "raw text"
         self._note(f"rgchat · {self.label} · {mode} · /help for commands, /bye or Ctrl-D to exit")
@@ -100,15 +106,25 @@ class Repl:
                 except KeyboardInterrupt:
                     self._note("\n(Ctrl-D or /bye to exit)")
                     continue
-                if not text.strip():
-                    continue
-                if text.startswith("/"):
-                    if self._command(text) == "bye":
-                        return
-                else:
-                    self._stream(self.session.ask(text))
+                if text.strip() and self._handle(text) == "bye":
+                    return
         finally:
             self._save_history()
+
+    def _handle(self, text: str) -> str | None:
+        """One message or command. Whatever goes wrong in it, the chat goes on with the conversation intact
+        (a failed turn is withdrawn by the session), after one line saying what happened."""
+        try:
+            if text.startswith("/") and not text.startswith("//"):
+                return self._command(text)
+            self._stream(self.session.ask(text[1:] if text.startswith("//") else text))
+        except RGChatError as e:
+            self._say(f"rgchat: error: {e}")
+        except KeyboardInterrupt:
+            self._note("(interrupted)")
+        except Exception as e:  # a bug, or the machine ran out of something: keep the conversation
+            self._say(f"rgchat: error: {type(e).__name__}: {e} (the conversation is kept)")
+        return None
 
     # --- input ---------------------------------------------------------------------------------------------
 
@@ -127,32 +143,39 @@ class Repl:
             return
         readline.parse_and_bind("set enable-bracketed-paste on")  # a pasted block arrives as one message
         readline.set_history_length(HISTORY_LINES)
-        try:
-            readline.read_history_file(history_path())
-        except OSError:
+        path = history_path()
+        try:  # readline reads the file itself: check first that it is a regular file of sane size
+            with files.open_regular(path) as f:
+                if os.fstat(f.fileno()).st_size > MAX_HISTORY_BYTES:
+                    return
+            readline.read_history_file(path)
+        except (RGChatError, OSError):
             pass
 
     def _save_history(self) -> None:
         if readline is None:
             return
         path = history_path()
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            readline.write_history_file(tmp)
-            os.replace(tmp, path)  # whole or not at all
-        except OSError as e:
+            with tempfile.TemporaryDirectory() as scratch:  # readline writes only by name: let it write here,
+                readline.write_history_file(os.path.join(scratch, "history"))  # then replace ours by the rule
+                data = files.read_bounded(os.path.join(scratch, "history"), MAX_HISTORY_BYTES, "a history")
+            files.write_atomically(path, data, files.PRIVATE)
+        except (RGChatError, OSError) as e:
             print(f"rgchat: warning: could not save the input history: {e}", file=sys.stderr)
 
     # --- output --------------------------------------------------------------------------------------------
 
     def _stream(self, pieces) -> None:
-        with ctrl_c_stops(self.session):
-            for piece in pieces:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        try:
+            with ctrl_c_stops(self.session), contextlib.closing(pieces):
+                for piece in pieces:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        finally:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
         stats = self.session.stats
         if stats.stop_reason == "interrupted":
             self._note("[stopped]" if stats.generated_tokens else "[question withdrawn]")
@@ -184,7 +207,8 @@ class Repl:
             self._say(stats.summary() if stats.stop_reason else "no answer yet")
         elif name == "clear":
             session.clear()
-            self._note("(fresh conversation)")
+            kept = f"; {self.state_file.path} keeps it until the next turn" if self.state_file else ""
+            self._note(f"(fresh conversation: /undo brings the last one back{kept})")
         elif name == "undo":
             try:
                 session.undo()
@@ -200,21 +224,33 @@ class Repl:
             if not arg:
                 self._note(f"usage: /{name} FILE")
                 return None
-            try:
-                (self._save if name == "save" else self._load)(Path(arg).expanduser())
-            except RGChatError as e:
-                self._say(f"rgchat: error: {e}")
+            (self._save if name == "save" else self._load)(Path(arg).expanduser())
         else:
             self._note(f"unknown command /{name}: /help lists them")
         return None
 
     def _save(self, path: Path) -> None:
-        statefile.save(path, self.session, self.model.identity())
-        self._note(f"(saved {len(self.session.transcript)} turns to {path}, {path.stat().st_size / 2**20:.2f} MiB)")
+        """A copy of the conversation in `path`; with --state, later turns still go to the state file."""
+        bound = self.state_file
+        if bound is not None and bound.same_file(path):
+            bound.write(self.session, self.model.identity())
+        else:
+            statefile.save_copy(path, self.session, self.model.identity())
+        also = f"; later turns are still saved to {bound.path}" if bound and not bound.same_file(path) else ""
+        self._note(f"(saved {len(self.session.transcript)} turns to {path}, "
+                   f"{path.stat().st_size / 2**20:.2f} MiB{also})")
 
     def _load(self, path: Path) -> None:
-        statefile.restore(self.session, statefile.load_for(path, self.model.identity()))
-        self._note(f"(resumed {len(self.session.transcript)} turns from {path}, position {self.session.state.pos})")
+        """Resume the conversation in `path`; with --state it becomes the file later turns are saved to."""
+        identity = self.model.identity()
+        if self.state_file is not None:
+            saved = self.state_file.load_other(path, identity)
+        else:
+            saved = statefile.load(path, identity)
+        statefile.restore(self.session, saved)
+        also = f"; later turns are saved to {path}" if self.state_file else ""
+        self._note(f"(resumed {len(self.session.transcript)} turns from {path}, position "
+                   f"{self.session.state.pos}{also})")
 
     def _set(self, arg: str) -> None:
         name, _, value = arg.partition(" ")

@@ -57,6 +57,14 @@ class State:
                 ))
         return cls(layers)
 
+    @staticmethod
+    def size_for(config: GriffinConfig, dtype: torch.dtype) -> int:
+        """The bytes `empty(config, dtype)` allocates, computed without allocating."""
+        item = torch.empty(0, dtype=dtype).element_size()
+        recurrent = config.lru_width * (4 + (config.conv_width - 1) * item)
+        attention = 2 * config.window * config.num_kv_heads * config.head_dim * item
+        return sum(recurrent if kind == RECURRENT else attention for kind in config.block_types)
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for layer in self.layers for t in _fields(layer)]
 

@@ -14,6 +14,8 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
+import shlex
 import struct
 from pathlib import Path
 
@@ -25,13 +27,15 @@ from rgchat import __version__
 from rgchat.chat import ChatSession, Turn
 from rgchat.config import RECURRENT, GriffinConfig
 from rgchat.errors import RGChatError
-from rgchat.files import write_atomically
+from rgchat.files import PRIVATE, lock, read_bounded, stamp, writable_target, write_atomically
 from rgchat.quant import dtype_of
+from rgchat.sampling import RANGES, validate
 from rgchat.state import AttentionLayerState, RecurrentLayerState, State
 
 FORMAT = "rgchat-state"
 VERSION = 1
 MAX_FILE_BYTES = 1 << 30  # a 9B state at full window is about 50 MiB; anything this big is not ours
+MAX_STATE_BYTES = 1 << 30  # nor a state this big, whatever config a file claims
 IDENTITY_KEYS = ("config", "precision", "weights_sha256", "tokenizer_sha256")
 
 
@@ -75,7 +79,8 @@ def payload_sha256(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -
 
 
 def save(path: str | Path, session: ChatSession, identity: dict) -> None:
-    """Write the session's conversation to `path` atomically (temp file in the same folder, fsync, rename)."""
+    """Write the session's conversation to `path` atomically (see `files.atomic_writer`; a new file is 0600:
+    it holds a private conversation)."""
     path = Path(path)
     s = session.sampler
     tensors = state_tensors(session.state, session.model.config)
@@ -98,7 +103,13 @@ def save(path: str | Path, session: ChatSession, identity: dict) -> None:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     metadata["payload_sha256"] = payload_sha256(metadata, tensors)
-    write_atomically(path, save_tensors(tensors, metadata))
+    write_atomically(path, save_tensors(tensors, metadata), mode=PRIVATE)
+
+
+def save_copy(path: str | Path, session: ChatSession, identity: dict) -> None:
+    """`save`, refused while another rgchat process holds `path` as its conversation (see `StateFile`)."""
+    with lock(path, "conversation"):
+        save(path, session, identity)
 
 
 # --- reading -------------------------------------------------------------------------------------------------
@@ -113,15 +124,11 @@ def _read_metadata(data: bytes) -> dict:
     return metadata
 
 
-def load(path: str | Path) -> SavedConversation:
-    """Read and fully validate a state file; any damage is refused with one clear message."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise RGChatError(f"{path}: too large to be an rgchat state file")
-        data = path.read_bytes()
-    except OSError as e:
-        raise RGChatError(f"{path}: cannot read the state file ({e.strerror or e})") from None
+def _read(path: Path) -> tuple[dict[str, str], bytes]:
+    """The file's metadata (format and version checked) and its bytes."""
+    data = read_bounded(path, MAX_FILE_BYTES, "an rgchat state file")
+    if not data:
+        raise RGChatError(f"{path}: empty: no conversation has been saved in it")
     try:
         metadata = _read_metadata(data)
     except (ValueError, struct.error, UnicodeDecodeError, AttributeError) as e:
@@ -135,6 +142,20 @@ def load(path: str | Path) -> SavedConversation:
     if version > VERSION:
         raise RGChatError(f"{path}: written by a newer rgchat (state format {version}, this one reads "
                           f"{VERSION}); upgrade rgchat")
+    return metadata, data
+
+
+def load(path: str | Path, identity: dict | None = None) -> SavedConversation:
+    """Read and fully validate a state file; any damage is refused with one clear message. With `identity`,
+    a conversation of another model is refused (see `check_model`) before anything is allocated for it."""
+    path = Path(path)
+    metadata, data = _read(path)
+    if identity is not None:
+        try:
+            saved_identity = json.loads(metadata["model"])
+        except (KeyError, ValueError):
+            raise RGChatError(f"{path}: damaged state file (no model identity)") from None
+        check_model(path, saved_identity, identity)
     try:
         tensors = load_tensors(data)
     except Exception as e:  # safetensors' own error type: a damaged or truncated container
@@ -151,6 +172,9 @@ def load(path: str | Path) -> SavedConversation:
 def _parse(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> SavedConversation:
     identity = json.loads(metadata["model"])
     config = GriffinConfig.from_dict(identity["config"])
+    dtype = dtype_of(identity["precision"])
+    if not 0 < State.size_for(config, dtype) <= MAX_STATE_BYTES:  # before anything is allocated for it
+        raise ValueError(f"its model's state would take {State.size_for(config, dtype):,} bytes")
     pos = int(metadata["pos"])
     turns = json.loads(metadata["transcript"])
     ids = tensors["transcript.ids"].tolist()
@@ -164,7 +188,7 @@ def _parse(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor
         at += int(t["tokens"])
 
     filled = min(pos, config.window)
-    state = State.empty(config, dtype_of(identity["precision"]), "cpu")
+    state = State.empty(config, dtype, "cpu")
     state.pos = pos
     expected = state_tensors(state, config)
     for name, want in expected.items():
@@ -189,25 +213,22 @@ def _parse(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor
                              tensors["sampler.rng"], tensors["sampler.recent"].tolist(), metadata)
 
 
-def load_for(path: str | Path, identity: dict) -> SavedConversation:
-    """`load`, refusing a conversation of another model (see `check_model`)."""
-    saved = load(path)
-    check_model(saved, identity)
-    return saved
-
-
-def check_model(saved: SavedConversation, identity: dict) -> None:
-    """Refuse a conversation that belongs to another model, precision or tokenizer."""
+def check_model(path: Path, saved: dict, identity: dict) -> None:
+    """Refuse a conversation (whose model identity is `saved`) that belongs to another model, precision or
+    tokenizer than `identity`, naming the command that moves it to this one."""
     identity = json.loads(json.dumps(identity))  # as it reads back from a file (tuples become lists)
-    differs = [key for key in IDENTITY_KEYS if saved.identity.get(key) != identity.get(key)]
+    if not isinstance(saved, dict):
+        raise RGChatError(f"{path}: damaged state file (bad model identity)")
+    differs = [key for key in IDENTITY_KEYS if saved.get(key) != identity.get(key)]
     if differs:
         what = {"config": "model", "precision": "precision", "weights_sha256": "weights",
                 "tokenizer_sha256": "tokenizer"}
+        command = shlex.join(["rgchat", "state", "replay", str(path), "--model", identity.get("spec", identity["name"]),
+                              "--precision", identity["precision"]])
         raise RGChatError(
-            f"{saved.path}: this conversation belongs to {saved.identity.get('name', '?')} "
-            f"({saved.identity.get('precision', '?')}); it differs from {identity['name']} "
-            f"({identity['precision']}) in {', '.join(what[k] for k in differs)}. To continue it with this model, "
-            f"run: rgchat state replay {saved.path} --model {identity.get('spec', identity['name'])}")
+            f"{path}: this conversation belongs to {saved.get('name', '?')} ({saved.get('precision', '?')}); it "
+            f"differs from {identity['name']} ({identity['precision']}) in {', '.join(what[k] for k in differs)}. "
+            f"To continue it with this model, run: {command}")
 
 
 def restore(session: ChatSession, saved: SavedConversation) -> None:
@@ -216,6 +237,34 @@ def restore(session: ChatSession, saved: SavedConversation) -> None:
     _restore_rng(session, saved)
     session.template, session.system = saved.template, saved.system
     session.resume(saved.state, saved.transcript, saved.recent)
+
+
+def resume(session: ChatSession, saved: SavedConversation, identity: dict, *, template: bool | None,
+           seed: int | None, system: str | None, warn) -> None:
+    """`run --state`: continue `saved` with the model of `identity` and what this command line asked.
+    `template` (--chat/--raw, None if neither) must match the conversation's mode. A `seed` other than the
+    one the conversation was started with restarts the random stream from it; without one, or with the same
+    one, the saved stream goes on, so resuming equals never stopping. `system` heads the conversation only if
+    it has no user turn yet, else `warn` says it was not used."""
+    check_model(saved.path, saved.identity, identity)
+    if template is not None and template != saved.template:
+        raise RGChatError(f"{saved.path} holds a {'chat' if saved.template else 'raw text'} conversation: "
+                          "leave out --raw/--chat")
+    restore(session, saved)
+    sampler = session.sampler
+    if seed is not None and seed != saved.settings.get("seed"):
+        sampler.reseed(seed)
+    else:
+        try:
+            sampler.seed = validate("seed", saved.settings.get("seed"))
+        except ValueError:
+            pass  # only the record of how the stream began; the stream itself was restored
+    if system is not None and system != saved.system:
+        if any(turn.role == "user" for turn in saved.transcript):
+            warn(f"rgchat: warning: --system is not used: the conversation in {saved.path} has begun, and the "
+                 "system text heads its first turn only")
+        else:
+            session.system = system
 
 
 def replay(saved: SavedConversation, session: ChatSession, same_tokenizer: bool) -> None:
@@ -229,9 +278,12 @@ def replay(saved: SavedConversation, session: ChatSession, same_tokenizer: bool)
     _restore_rng(session, saved)
     settings, sampler = saved.settings, session.sampler
     try:
-        for key in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed"):
-            setattr(sampler, key, settings[key])
-        session.max_tokens, session.stop = int(settings["max_tokens"]), tuple(settings["stop"])
+        for key in RANGES:
+            setattr(sampler, key, validate(key, settings[key]))
+        max_tokens, stop = settings["max_tokens"], settings["stop"]
+        if not isinstance(max_tokens, int) or max_tokens < 1 or not all(isinstance(t, str) for t in stop):
+            raise ValueError("bad max_tokens or stop")
+        session.max_tokens, session.stop = max_tokens, tuple(stop)
     except (KeyError, TypeError, ValueError):
         raise RGChatError(f"{saved.path}: inconsistent state file (bad settings)") from None
 
@@ -261,3 +313,75 @@ def describe(saved: SavedConversation) -> list[tuple[str, str]]:
         ("created", m.get("created", "?")),
         ("rgchat version", m.get("rgchat_version", "?")),
     ]
+
+
+# --- the file a session keeps its conversation in ----------------------------------------------------------
+
+class StateFile:
+    """The state file a session resumes from and saves to after every change (`run --state`, `/load`).
+
+    While open it is locked, so a second rgchat is refused at once instead of one of them silently losing a
+    turn; opening it also proves, before any model runs, that it can be written. A write is refused when the
+    file changed since it was read or written (another program wrote it): the conversation then goes to a
+    new file beside it, which later writes use."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = lock(self.path, "conversation")
+        self._seen = stamp(self._lock.target)
+
+    def read(self) -> SavedConversation | None:
+        """The saved conversation, or None for a new one (no file yet, or an empty file)."""
+        if self._seen is None or self._seen[1] == 0:
+            return None
+        return load(self.path)
+
+    def write(self, session: ChatSession, identity: dict) -> None:
+        if stamp(self._lock.target) != self._seen:
+            changed, elsewhere = self.path, self._free_sibling()
+            held = lock(elsewhere, "conversation")
+            self._lock.release()
+            self.path, self._lock = elsewhere, held
+            save(self._lock.target, session, identity)
+            self._seen = stamp(self._lock.target)
+            raise RGChatError(f"{changed} changed since rgchat last read or wrote it (another program wrote it), "
+                              f"so it was left as it is; this conversation was saved to {self.path} instead, "
+                              "and later turns go there")
+        save(self._lock.target, session, identity)
+        self._seen = stamp(self._lock.target)
+
+    def load_other(self, path: str | Path, identity: dict) -> SavedConversation:
+        """Continue the conversation saved in `path` from now on (/load with --state): it is read, checked
+        against `identity` and locked; this file is released. On any refusal nothing changes."""
+        if self.same_file(path):  # back to what this file holds
+            saved = self.read()
+            if saved is None:
+                raise RGChatError(f"{path}: no conversation has been saved in it")
+            check_model(saved.path, saved.identity, identity)
+            return saved
+        other = StateFile(path)
+        try:
+            saved = other.read()
+            if saved is None:
+                raise RGChatError(f"{path}: no conversation has been saved in it")
+            check_model(saved.path, saved.identity, identity)
+        except BaseException:
+            other.close()
+            raise
+        self.close()
+        self.path, self._lock, self._seen = other.path, other._lock, other._seen
+        return saved
+
+    def same_file(self, path: str | Path) -> bool:
+        return writable_target(path) == self._lock.target
+
+    def close(self) -> None:
+        self._lock.release()
+
+    def _free_sibling(self) -> Path:
+        target = self._lock.target
+        for n in range(1, 10_000):
+            candidate = target.with_name(f"{target.stem}.conflict-{n}{target.suffix}")
+            if not os.path.lexists(candidate):
+                return candidate
+        raise RGChatError(f"{target}: changed by another program, and no free name beside it to save to")

@@ -1,11 +1,18 @@
 """The local model store: one folder per converted model under platformdirs' user data folder (or
-$RGCHAT_HOME), holding model.safetensors and tokenizer.model."""
+$RGCHAT_HOME), holding model.safetensors and tokenizer.model.
+
+Naming rule: an entry is named STEM-PRECISION after its source (the Hub repo, or the checkpoint's folder or
+.pt file); when that name already holds weights from another source, the next free STEM-N-PRECISION is
+used. An entry is only ever replaced by a conversion of its own source.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -14,32 +21,77 @@ import platformdirs
 from rgchat.errors import RGChatError
 
 MODEL_FILE = "model.safetensors"
+# A model file downloaded as is records the source its uploader converted it from; this file beside it says
+# where the entry's weights came from instead.
+ORIGIN_FILE = "origin"
 
 
 def store_dir() -> Path:
-    return Path(os.environ.get("RGCHAT_HOME") or platformdirs.user_data_dir("rgchat"))
+    root = Path(os.environ.get("RGCHAT_HOME") or platformdirs.user_data_dir("rgchat"))
+    if root.exists() and not root.is_dir():
+        raise RGChatError(f"the model store {root} is not a folder (set RGCHAT_HOME to a folder)")
+    return root
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
     name: str
     path: Path  # the model file
-    precision: str
+    precision: str  # "?" when damaged
     size: int  # bytes on disk, tokenizer included
     source: str
-
-
-def entry_name(source: Path, precision: str) -> str:
-    """The store name of a checkpoint converted to `precision`: recurrentgemma-2b-it-int8."""
-    from rgchat.checkpoint import source_name
-
-    return f"{source_name(source)}-{precision}"
+    damage: str | None = None  # why the entry cannot be used, if it cannot
 
 
 def entry_path(name: str) -> Path:
-    if not name or "/" in name or name.startswith("."):
+    if not name or "/" in name or "\\" in name or name.startswith("."):
         raise RGChatError(f"invalid model name {name!r}")
     return store_dir() / name / MODEL_FILE
+
+
+def source_key(source: dict) -> str:
+    """What identifies where an entry's weights came from: its Hub repo, or its checkpoint's path."""
+    return f"hf:{source['repo']}" if "repo" in source else str(source.get("path", ""))
+
+
+def _recorded_key(path: Path) -> str | None:
+    """The source key of the entry whose model file is `path`: its origin file's, else what the model file
+    records; None when neither can be read."""
+    from rgchat import modelfile
+    from rgchat.files import read_bounded
+
+    try:
+        if os.path.lexists(origin := path.parent / ORIGIN_FILE):
+            return read_bounded(origin, 4096, "an origin file").decode("utf-8").strip()
+        return source_key(json.loads(modelfile.read_metadata(path).get("source", "{}")))
+    except (RGChatError, ValueError, AttributeError):
+        return None
+
+
+def entry_for(stem: str, precision: str, key: str) -> str:
+    """The entry name for weights from source `key` at `precision` (see the naming rule above): the entry
+    that already holds them, else the first free name."""
+    name = lambda n: f"{stem}-{precision}" if n == 1 else f"{stem}-{n}-{precision}"  # noqa: E731
+    pattern = re.compile(rf"{re.escape(stem)}(?:-([0-9]+))?-{re.escape(precision)}")
+    root = store_dir()
+    taken = sorted(int(m.group(1) or 1) for m in map(pattern.fullmatch, os.listdir(root) if root.is_dir() else [])
+                   if m and name(int(m.group(1) or 1)) == m.group(0))
+    for n in taken:
+        if _recorded_key(entry_path(name(n))) == key:
+            return name(n)
+    # a taken name without a model file is a folder left by a failed conversion: free to use
+    return name(next(n for n in itertools.count(1) if n not in taken or not os.path.lexists(entry_path(name(n)))))
+
+
+def checkpoint_entry(ckpt, precision: str) -> Path:
+    """The model file in the store for the checkpoint `ckpt` (a `checkpoint.Checkpoint`) at `precision`."""
+    from rgchat.checkpoint import source_name
+
+    return entry_path(entry_for(source_name(ckpt.path), precision, str(ckpt.path.resolve())))
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def read_entry(name: str) -> Entry:
@@ -47,75 +99,111 @@ def read_entry(name: str) -> Entry:
 
     path = entry_path(name)
     mf = modelfile.open_file(path)
-    size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
     source = mf.source
     origin = f"hf:{source['repo']}@{source.get('commit', '?')[:12]}" if "repo" in source else source.get("path", "?")
-    return Entry(name, path, mf.precision, size, origin)
+    return Entry(name, path, mf.precision, _folder_size(path.parent), origin)
 
 
 def list_entries() -> list[Entry]:
-    """Every model in the store, by name; folders without a readable model file are skipped."""
+    """Every model in the store, by name; an entry that cannot be read is listed with what is wrong."""
     root = store_dir()
     entries = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if (folder / MODEL_FILE).is_file():
-            try:
-                entries.append(read_entry(folder.name))
-            except RGChatError:
-                continue
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        try:
+            entries.append(read_entry(folder.name))
+        except RGChatError as e:
+            entries.append(Entry(folder.name, folder / MODEL_FILE, "?", _folder_size(folder), "?", str(e)))
     return entries
 
 
 def remove(name: str) -> None:
+    """Delete a store entry (a symlinked entry loses the link, never what it points to)."""
     folder = entry_path(name).parent
-    if not folder.is_dir():
-        raise RGChatError(f"no model named {name!r} in {store_dir()} (see `rgchat list`)")
-    shutil.rmtree(folder)
-
-
-def _same_source(path: Path, source: Path) -> bool:
-    """Whether the model file at `path` was converted from `source` as it is now (sizes and mtimes)."""
-    from rgchat import modelfile
-
     try:
-        recorded = modelfile.open_file(path).source
-    except RGChatError:
+        if folder.is_symlink():
+            folder.unlink()
+        elif folder.is_dir():
+            shutil.rmtree(folder)
+        else:
+            raise RGChatError(f"no model named {name!r} in {store_dir()} (see `rgchat list`)")
+    except OSError as e:
+        raise RGChatError(f"{folder}: could not remove it ({e.strerror or e})") from None
+
+
+def model_file(path: Path) -> Path | None:
+    """The model file that `path` names directly: a model file, or a store folder holding one."""
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    if path.is_dir() and (path / MODEL_FILE).exists() and not (path / "config.json").exists():
+        return path / MODEL_FILE
+    return None
+
+
+def find(model: str) -> Path:
+    """The model file of MODEL as `show` and `verify` take it: a model file, a store folder, a store name."""
+    path = Path(model).expanduser()
+    if (found := model_file(path)) is not None:
+        return found
+    if "/" in model or model.startswith(".") or path.exists():
+        raise RGChatError(f"{path}: not an rgchat model file or store folder")
+    if os.path.lexists(entry_path(model)):
+        return entry_path(model)
+    raise RGChatError(f"no model named {model!r} in {store_dir()} (see `rgchat list`)")
+
+
+def _up_to_date(target: Path, source: Path, log) -> bool:
+    """Whether the entry at `target` holds an intact conversion of `source` as it is now (its files' sizes and
+    mtimes as recorded; tensors verified, or remembered as verified since the file last changed)."""
+    from rgchat import modelfile
+    from rgchat.checkpoint import TOKENIZER_FILE
+
+    if not target.is_file():
         return False
-    if recorded.get("path") != str(source.resolve()):
+    try:
+        mf = modelfile.open_file(target)
+        recorded = mf.source
+        folder = source.parent if source.is_file() else source
+        for name, info in recorded.get("files", {}).items():
+            st = (folder / name).stat()
+            if st.st_size != info["size"] or st.st_mtime_ns != info["mtime_ns"]:
+                return False
+        mf.verify()
+        tokenizer = target.parent / TOKENIZER_FILE
+        if modelfile.sha256_file(tokenizer) != mf.metadata.get("tokenizer_sha256"):
+            raise RGChatError(f"{tokenizer} is not the tokenizer it was converted with")
+    except RGChatError as e:
+        log(f"rgchat: {target.parent.name} is damaged ({e}); converting it again")
         return False
-    folder = source.parent if source.is_file() else source
-    for name, info in recorded.get("files", {}).items():
-        f = folder / name
-        if not f.is_file() or f.stat().st_size != info["size"] or f.stat().st_mtime_ns != info["mtime_ns"]:
-            return False
+    except (OSError, KeyError, TypeError):
+        return False
     return True
 
 
 def resolve(model: str, precision: str, log=print) -> Path:
     """The model file to run for MODEL: a model file, a store name, a checkpoint that is converted into the
-    store at `precision` the first time it is met (and again if its files change), or a Hub alias or
-    hf:OWNER/REPO that is downloaded and converted the first time (no network after that)."""
+    store at `precision` the first time it is met (and again if its files change or its entry is damaged),
+    or a Hub alias or hf:OWNER/REPO that is downloaded and converted the first time (no network after)."""
     from rgchat import hub
     from rgchat.checkpoint import Checkpoint, convert
 
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".safetensors":
-        return path
-    if path.is_dir() and (path / MODEL_FILE).is_file() and not (path / "config.json").exists():
-        return path / MODEL_FILE
+    if (found := model_file(path)) is not None:
+        return found
     if path.exists():
         ckpt = Checkpoint(path)
-        target = entry_path(entry_name(ckpt.path, precision))
-        if not (target.is_file() and _same_source(target, path)):
+        target = checkpoint_entry(ckpt, precision)
+        if not _up_to_date(target, ckpt.path, log):
             log(f"rgchat: converting {path} to {precision} into {target.parent} (once)")
-            convert(ckpt.path, precision, target)
+            convert(ckpt.path, precision, target, own_folder=True)
         return target
     remote = hub.parse(model)
     if remote is not None:
         return hub.pull(remote, precision, log=log)
     if "/" in model or model.startswith("."):
         raise RGChatError(f"{path}: no such file or directory")
-    if entry_path(model).is_file():
+    if os.path.lexists(entry_path(model)):
         return entry_path(model)
     raise RGChatError(f"no model {model!r}: not a path, not in the store {store_dir()} (see `rgchat list`), and "
                       f"not a Hub alias ({', '.join(hub.ALIASES)}) or hf:OWNER/REPO")
@@ -129,11 +217,7 @@ def show_lines(model: str) -> list[tuple[str, str]]:
     from rgchat.quant import dtype_of
     from rgchat.state import State
 
-    path = Path(model).expanduser()
-    if not path.is_file():
-        path = entry_path(model)
-        if not path.is_file():
-            raise RGChatError(f"no model named {model!r} in {store_dir()} (see `rgchat list`)")
+    path = find(model)
     mf = modelfile.open_file(path)
     config = mf.config
     with torch.device("meta"):
@@ -154,3 +238,20 @@ def show_lines(model: str) -> list[tuple[str, str]]:
         ("tokenizer sha256", mf.metadata.get("tokenizer_sha256", "?")),
         ("written by", f"rgchat {mf.metadata.get('rgchat_version', '?')}, format {mf.metadata['format_version']}"),
     ]
+
+
+def verify(model: str) -> list[tuple[str, str]]:
+    """Hash every tensor of MODEL and its tokenizer against the checksums recorded at conversion, whatever
+    the `.verified` stamp says; raises on the first mismatch."""
+    from rgchat import modelfile
+    from rgchat.checkpoint import TOKENIZER_FILE
+
+    path = find(model)
+    mf = modelfile.open_file(path)
+    mf.verify(force=True)
+    tokenizer = path.parent / TOKENIZER_FILE
+    recorded = mf.metadata.get("tokenizer_sha256")
+    if recorded and modelfile.sha256_file(tokenizer) != recorded:
+        raise RGChatError(f"{tokenizer}: not the tokenizer {path} was converted with (checksum differs)")
+    return [("file", str(path)), ("tensors", f"{len(mf.entries)} match their sha256"),
+            ("tokenizer", "matches its sha256" if recorded else "no checksum recorded")]

@@ -8,7 +8,9 @@ from pathlib import Path
 import sentencepiece as spm
 
 from rgchat.errors import RGChatError
+from rgchat.files import read_bounded
 
+MAX_TOKENIZER_BYTES = 64 << 20  # Gemma's is about 4 MB
 CHAT_MARKERS = ("<start_of_turn>", "<end_of_turn>")
 _MARKER_SPLIT = re.compile("(" + "|".join(map(re.escape, CHAT_MARKERS)) + ")")
 
@@ -16,12 +18,13 @@ _MARKER_SPLIT = re.compile("(" + "|".join(map(re.escape, CHAT_MARKERS)) + ")")
 class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise RGChatError(f"{path}: tokenizer.model not found")
+        data = read_bounded(path, MAX_TOKENIZER_BYTES, "a SentencePiece model")
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(str(path))
-        except (OSError, RuntimeError) as e:
+            self.sp.LoadFromSerializedProto(data)
+        except (OSError, RuntimeError, TypeError) as e:
             raise RGChatError(f"{path}: not a SentencePiece model ({e})") from None
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()

@@ -156,3 +156,53 @@ def test_interrupt_during_prefill_withdraws_the_question(model, tokenizer_path):
     assert "".join(s.ask("A question")) == ""
     assert s.stats.stop_reason == "interrupted"
     assert states_equal(s.state, before) and len(s.transcript) == 2
+
+
+def test_a_failed_turn_is_withdrawn(model, tokenizer_path):
+    """An exception in the middle of an answer, or a consumer that stops reading, leaves the conversation
+    exactly as before the question, and nothing is saved for it."""
+    s = session(model, tokenizer_path)
+    "".join(s.ask("Hello there"))
+    before, transcript = s.state.clone(), list(s.transcript)
+    saves = []
+    s.on_change = saves.append
+    step, calls = s.model.step, []
+
+    def failing_step(token, state):
+        calls.append(token)
+        if len(calls) == 3:
+            raise MemoryError("out of memory")
+        return step(token, state)
+
+    s.model.step = failing_step
+    try:
+        with pytest.raises(MemoryError):
+            "".join(s.ask("The quick brown fox"))
+    finally:
+        del s.model.step
+    assert len(calls) == 3 and states_equal(s.state, before) and s.transcript == transcript and saves == []
+
+    pieces = s.ask("The quick brown fox")
+    next(pieces)
+    pieces.close()  # the reader went away after one piece
+    assert states_equal(s.state, before) and s.transcript == transcript and saves == []
+    answer = "".join(s.ask("The quick brown fox"))  # and the conversation goes on as if neither happened
+    assert saves == [s] and s.transcript[-1].text == answer
+
+
+def test_clear_can_be_undone_until_the_next_turn(model, tokenizer_path):
+    s = session(model, tokenizer_path)
+    "".join(s.ask("Hello there"))
+    before, transcript = s.state.clone(), list(s.transcript)
+    saves = []
+    s.on_change = saves.append
+    s.clear()
+    assert s.state.pos == 0 and s.transcript == [] and saves == []  # a saved conversation is not wiped yet
+    with pytest.raises(ValueError):
+        next(s.regen())
+    s.undo()
+    assert states_equal(s.state, before) and s.transcript == transcript and saves == [s]
+    s.clear()
+    "".join(s.ask("And then?"))  # a turn after /clear: the old conversation is gone for good
+    s.undo()
+    assert s.state.pos == 0 and s.transcript == []

@@ -204,7 +204,7 @@ def test_not_enough_disk_space_is_said_before_downloading(server, monkeypatch, i
 def test_aliases_and_specs():
     assert hub.parse("2b-it") == hub.HubModel("google/recurrentgemma-2b-it")
     assert hub.parse("hf:me/repo@v2") == hub.HubModel("me/repo", "v2")
-    assert hub.parse("hf:me/repo").entry_name("int4") == "me--repo-int4"
+    assert hub.parse("hf:me/repo").name == "me--repo"
     assert hub.parse("recurrentgemma-2b-it-int8") is None  # a store name
     for bad in ("hf:", "hf:noslash", "hf:a/b/c", "hf:../x"):
         with pytest.raises(RGChatError):

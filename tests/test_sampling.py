@@ -1,6 +1,11 @@
-import torch
+import math
 
-from rgchat.sampling import Sampler
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rgchat.sampling import RANGES, Sampler, validate
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0])
 
@@ -53,3 +58,42 @@ def test_reseed_restarts_the_stream():
     first = [sampler(LOGITS) for _ in range(30)]
     sampler.reseed(7)
     assert [sampler(LOGITS) for _ in range(30)] == first
+
+
+# Every value a user can type for a setting, hostile ones included.
+NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 1),
+                    st.integers(-2**70, 2**70), st.sampled_from([0, 0.0, 1, 1.0, 5e-324, 1e-300, 1e300]))
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(values=st.fixed_dictionaries({name: NUMBERS for name in RANGES}), logits=st.lists(
+    st.floats(-1e30, 1e30), min_size=1, max_size=40), recent=st.lists(st.integers(0, 39), max_size=8))
+def test_no_accepted_setting_crashes_sampling(values, logits, recent):
+    """A value is either refused with a ValueError naming the setting, or sampling with it always works."""
+    accepted = {}
+    for name, value in values.items():
+        if name in ("top_k", "seed"):
+            value = int(value) if isinstance(value, float) and math.isfinite(value) else value
+        try:
+            accepted[name] = validate(name, value)
+        except ValueError as e:
+            assert name in str(e)
+    sampler = Sampler(**accepted)
+    logits = torch.tensor(logits)
+    token = sampler(logits, [t for t in recent if t < len(logits)])
+    assert 0 <= token < len(logits)
+    assert math.isfinite(float(logits[token]))
+
+
+def test_top_p_zero_keeps_the_likeliest_token():
+    assert {Sampler(temperature=1.0, top_k=0, top_p=0.0, min_p=0.0, seed=s)(LOGITS) for s in range(20)} == {1}
+
+
+def test_out_of_range_settings_are_refused():
+    for name, value in [("temperature", float("nan")), ("temperature", -1.0), ("top_p", 1.5), ("min_p", float("inf")),
+                        ("repeat_penalty", 0.0), ("top_k", -1), ("top_k", 2.5), ("seed", 2**64), ("seed", -1),
+                        ("temperature", "hot"), ("top_k", True)]:
+        with pytest.raises(ValueError, match=name):
+            validate(name, value)
+    with pytest.raises(ValueError, match="seed"):
+        Sampler(seed=99999999999999999999999)

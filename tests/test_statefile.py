@@ -2,7 +2,11 @@
 file is refused with one clear line while the file stays untouched."""
 
 import json
+import os
+import stat
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,7 +76,7 @@ def test_save_load_save_is_identical(tokenizer_path, tmp_path):
     first, second = tmp_path / "a.state", tmp_path / "b.state"
     statefile.save(first, s, loaded.identity())
     resumed = new_session(loaded, temperature=1.0, seed=5)  # sampling settings are the session's own
-    statefile.restore(resumed, statefile.load_for(first, loaded.identity()))
+    statefile.restore(resumed, statefile.load(first, loaded.identity()))
     statefile.save(second, resumed, loaded.identity())
     a, b = (load_tensors(p.read_bytes()) for p in (first, second))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -117,13 +121,13 @@ def test_replay_rebuilds_the_state_for_another_model(tokenizer_path, tmp_path):
 
     other = loaded_model(tokenizer_path, seed=7)
     with pytest.raises(RGChatError, match="state replay"):
-        statefile.load_for(path, other.identity())
+        statefile.load(path, other.identity())
     with pytest.raises(RGChatError, match="in tokenizer. To continue"):
-        statefile.load_for(path, {**loaded.identity(), "tokenizer_sha256": "another"})
+        statefile.load(path, {**loaded.identity(), "tokenizer_sha256": "another"})
     moved = new_session(other)
     statefile.replay(statefile.load(path), moved, same_tokenizer=True)
     statefile.save(path, moved, other.identity())
-    assert statefile.load_for(path, other.identity()).transcript == moved.transcript
+    assert statefile.load(path, other.identity()).transcript == moved.transcript
 
 
 def test_cli_refusals_leave_the_file_unchanged(folder, f32_file, tmp_path):
@@ -177,7 +181,7 @@ def saved_file(tokenizer_path, tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.write_bytes(p.read_bytes()[:-100]), "damaged state file"),
     (lambda p: p.write_bytes(p.read_bytes()[:5]), "not an rgchat state file"),
-    (lambda p: p.write_bytes(b""), "not an rgchat state file"),
+    (lambda p: p.write_bytes(b""), "no conversation has been saved in it"),
     (lambda p: p.write_bytes(bytearray(p.read_bytes())[:-1] + bytes([p.read_bytes()[-1] ^ 1])), "checksum"),
     (lambda p: rewrite(p, lambda m: m.update(format_version="2")), "newer rgchat"),
     (lambda p: rewrite(p, lambda m: m.update(format="something-else")), "not an rgchat state file"),
@@ -256,9 +260,97 @@ def test_states_move_between_cuda_and_cpu(tokenizer_path, tmp_path):
     "".join(on_cuda.ask(QUESTIONS[0]))
     statefile.save(tmp_path / "c.state", on_cuda, cuda.identity())
     on_cpu = new_session(cpu)
-    statefile.restore(on_cpu, statefile.load_for(tmp_path / "c.state", cpu.identity()))
+    statefile.restore(on_cpu, statefile.load(tmp_path / "c.state", cpu.identity()))
     assert on_cpu.state.tensors()[0].device.type == "cpu"
     back = new_session(cuda)
-    statefile.restore(back, statefile.load_for(tmp_path / "c.state", cuda.identity()))
+    statefile.restore(back, statefile.load(tmp_path / "c.state", cuda.identity()))
     cpu_answer, cuda_answer = "".join(on_cpu.ask(QUESTIONS[1])), "".join(back.ask(QUESTIONS[1]))
     assert cpu_answer and cpu_answer == cuda_answer
+
+
+def test_a_conversation_open_in_one_process_is_refused_in_another(f32_file, tmp_path):
+    """Two real processes on one state file: the second is refused at once, with one line, and the first
+    keeps every one of its turns."""
+    state = tmp_path / "c.state"
+    state.touch()  # an empty (touched) file starts a new conversation
+    env = {**os.environ, "NO_COLOR": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "rgchat", "run", str(f32_file), "--state", str(state), "--lines",
+                              "--temperature", "0", "--max-tokens", "4"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        first.stdin.write(b"Hello there\n")
+        first.stdin.flush()
+        first.stdout.readline()  # its first answer: the file is open and written by now
+        second = run_cli("run", str(f32_file), "The quick brown fox", "--state", str(state))
+        assert second.returncode == 1 and second.stdout == "", second.stderr
+        assert "open in another rgchat process" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        first.stdin.write(b"And then?\n")
+    finally:
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    saved = statefile.load(state)
+    assert [t.text for t in saved.transcript[::2]] == ["Hello there", "And then?"]
+    assert not (tmp_path / ".c.state.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.state"]
+
+
+def test_a_file_changed_by_another_program_is_never_overwritten(tokenizer_path, tmp_path):
+    loaded = loaded_model(tokenizer_path)
+    s = new_session(loaded)
+    path = tmp_path / "c.state"
+    bound = statefile.StateFile(path)
+    try:
+        assert bound.read() is None
+        "".join(s.ask("Hello there"))
+        bound.write(s, loaded.identity())
+        path.write_bytes(b"edited by hand")  # someone else writes the file while the session runs
+        "".join(s.ask("And then?"))
+        with pytest.raises(RGChatError, match="changed since rgchat last read or wrote it") as refusal:
+            bound.write(s, loaded.identity())
+        assert path.read_bytes() == b"edited by hand"
+        elsewhere = tmp_path / "c.conflict-1.state"
+        assert str(elsewhere) in str(refusal.value) and bound.path == elsewhere
+        assert len(statefile.load(elsewhere).transcript) == 4
+        "".join(s.ask("More"))
+        bound.write(s, loaded.identity())  # later turns go to the new file
+        assert len(statefile.load(elsewhere).transcript) == 6
+    finally:
+        bound.close()
+    assert path.read_bytes() == b"edited by hand"
+
+
+def test_a_crafted_size_is_refused_before_anything_is_allocated(saved_file):
+    def huge_window(metadata):
+        identity = json.loads(metadata["model"])
+        identity["config"]["window"] = 10**9
+        metadata["model"] = json.dumps(identity)
+
+    rewrite(saved_file, huge_window)
+    with pytest.raises(RGChatError, match="inconsistent state file .*state would take"):
+        statefile.load(saved_file)
+
+
+def test_state_files_are_written_safely_through_the_cli(f32_file, tmp_path):
+    """A state file behind a symlink is updated through the link with its mode kept; a state path that
+    cannot be written is refused before the model runs; a FIFO is never read or replaced."""
+    real, link = tmp_path / "real.state", tmp_path / "link.state"
+    args = ["--temperature", "0", "--max-tokens", "4"]
+    assert run_cli("run", str(f32_file), "Hello there", "--state", str(real), *args).returncode == 0
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600  # a new state file is private
+    real.chmod(0o640)
+    link.symlink_to(real.name)
+    result = run_cli("run", str(f32_file), "And then?", "--state", str(link), *args)
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and os.readlink(link) == "real.state"
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640
+    assert len(statefile.load(real).transcript) == 4
+
+    fifo = tmp_path / "fifo.state"
+    os.mkfifo(fifo)
+    not_a_folder = tmp_path / "real.state" / "c.state"
+    for target, message in [(fifo, "a FIFO; refusing to write over it"), (not_a_folder, "cannot write it (Not a directory)")]:
+        refused = run_cli("run", str(f32_file), "Hello there", "--state", str(target), *args)
+        assert refused.returncode == 1 and refused.stdout == "", refused.stderr  # no answer was given
+        assert message in refused.stderr and "Traceback" not in refused.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
