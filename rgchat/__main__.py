@@ -1,13 +1,21 @@
-"""The `rgchat` command (and `python -m rgchat`). Importing the CLI loads torch, which takes a second or two;
-Ctrl-C meanwhile ends rgchat quietly with exit code 130 instead of a traceback from inside an import."""
+"""The `rgchat` command (and `python -m rgchat`). Importing the CLI loads torch, which takes a second or two,
+and a Ctrl-C inside torch's native start-up can abort the process or be lost; so Ctrl-C is held back while
+the CLI imports, and then ends rgchat quietly with exit code 130."""
 
+import signal
 import sys
 
 
 def main() -> None:
+    pressed: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, a background job): keep it so
+        signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     try:
         from rgchat.cli import main as cli_main
-    except KeyboardInterrupt:
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
         sys.exit(130)
     cli_main()
 

@@ -3,6 +3,7 @@ memory-bandwidth limit measured in the same run. Needs no download."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from rgchat import config as config_lib
 from rgchat.compare import bench_hf
 from rgchat.device import peak_rss_bytes, process_age_s, reset_peak_rss, rss_bytes, synchronize
 from rgchat.errors import RGChatError
+from rgchat.files import write_atomically
 from rgchat.model import Griffin, random_tensors, ready_for_device_
 from rgchat.quant import convert_tensor, dtype_of, quantizable_weights, swap_modules_
 
@@ -143,8 +145,10 @@ def plot(result: dict, path: Path) -> Path:
         ax.legend()
     fig.suptitle(f"{result['shape']} {result['precision']} on {result['device']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    write_atomically(path, image.getvalue())
     return path
 
 

@@ -177,7 +177,8 @@ def source_info(ckpt: Checkpoint) -> dict:
     if ckpt.kind == "official":
         files = [ckpt.pt_file, ckpt.tokenizer_path]
     else:
-        files = sorted(f for f in ckpt.path.iterdir() if f.suffix in (".json", ".safetensors") or f.name == TOKENIZER_FILE)
+        files = sorted(f for f in ckpt.path.iterdir()
+                       if f.suffix in (".json", ".safetensors") or f.name == TOKENIZER_FILE)
     return {
         "path": str(ckpt.path.resolve()),
         "kind": ckpt.kind,

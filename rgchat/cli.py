@@ -369,6 +369,8 @@ def doctor() -> None:
 def main() -> None:
     try:
         app()
+    except KeyboardInterrupt:  # before or after a command runs (inside one, `user_errors` answers it)
+        sys.exit(130)
     finally:
         _release_stdout()
 

@@ -42,8 +42,9 @@ def report() -> list[tuple[str, str]]:
             lines.append((f"scan ({device})", f"{backend.name} ({backend.detail})"))
         except RGChatError as e:
             lines.append((f"scan ({device})", f"error: {e}"))
-    lines += [
-        ("model store", str(store_dir())),
-        ("hugging face cache", str(hub.HF_HUB_CACHE)),
-    ]
+    try:
+        lines.append(("model store", str(store_dir())))
+    except RGChatError as e:
+        lines.append(("model store", f"error: {e}"))
+    lines.append(("hugging face cache", str(hub.HF_HUB_CACHE)))
     return lines

@@ -234,9 +234,10 @@ class Repl:
         bound = self.state_file
         if bound is not None and bound.same_file(path):
             bound.write(self.session, self.model.identity())
+            also = ""
         else:
             statefile.save_copy(path, self.session, self.model.identity())
-        also = f"; later turns are still saved to {bound.path}" if bound and not bound.same_file(path) else ""
+            also = f"; later turns are still saved to {bound.path}" if bound else ""
         self._note(f"(saved {len(self.session.transcript)} turns to {path}, "
                    f"{path.stat().st_size / 2**20:.2f} MiB{also})")
 

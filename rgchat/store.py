@@ -70,17 +70,17 @@ def _recorded_key(path: Path) -> str | None:
 
 def entry_for(stem: str, precision: str, key: str) -> str:
     """The entry name for weights from source `key` at `precision` (see the naming rule above): the entry
-    that already holds them, else the first free name."""
-    name = lambda n: f"{stem}-{precision}" if n == 1 else f"{stem}-{n}-{precision}"  # noqa: E731
-    pattern = re.compile(rf"{re.escape(stem)}(?:-([0-9]+))?-{re.escape(precision)}")
+    that already holds them, else the first name without a model file (a folder left by a failed conversion
+    is free)."""
+    def name(n: int) -> str:
+        return f"{stem}-{precision}" if n == 1 else f"{stem}-{n}-{precision}"
+
+    pattern = re.compile(rf"{re.escape(stem)}(?:-[0-9]+)?-{re.escape(precision)}")
     root = store_dir()
-    taken = sorted(int(m.group(1) or 1) for m in map(pattern.fullmatch, os.listdir(root) if root.is_dir() else [])
-                   if m and name(int(m.group(1) or 1)) == m.group(0))
-    for n in taken:
-        if _recorded_key(entry_path(name(n))) == key:
-            return name(n)
-    # a taken name without a model file is a folder left by a failed conversion: free to use
-    return name(next(n for n in itertools.count(1) if n not in taken or not os.path.lexists(entry_path(name(n)))))
+    for folder in sorted(os.listdir(root) if root.is_dir() else []):
+        if pattern.fullmatch(folder) and _recorded_key(entry_path(folder)) == key:
+            return folder
+    return name(next(n for n in itertools.count(1) if not os.path.lexists(entry_path(name(n)))))
 
 
 def checkpoint_entry(ckpt, precision: str) -> Path:

@@ -1,9 +1,19 @@
 """The command line, run as users run it: a separate process, stdout for the answer, stderr for errors."""
 
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from conftest import CYCLES, greedy_tokens, run_cli as rgchat, tiny_model, write_hf_folder, write_official
+from rgchat import statefile
+from rgchat.cli import app
 from rgchat.tokenizer import Tokenizer
 
 
@@ -116,3 +126,128 @@ def test_model_vocab_larger_than_the_tokenizer(tmp_path, tokenizer_path):
     folder = write_hf_folder(tiny_model(wide, seed=33), tmp_path / "padded", tokenizer_path)
     result = rgchat("run", str(folder), "fox", "--raw", "--max-tokens", "30", "--temperature", "1.5", "--seed", "1")
     assert result.returncode == 0, result.stderr
+
+
+def test_replay_hint_after_a_precision_mismatch_runs(tmp_path, tokenizer_path):
+    """A conversation started with a checkpoint folder in f32 is refused by the same folder in int8 (the
+    default), with a command that moves it, and that command, as printed, works."""
+    folder = write_hf_folder(tiny_model(CYCLES, seed=31), tmp_path / "tiny-it", tokenizer_path)
+    state, out = tmp_path / "chat.state", tmp_path / "int8.state"
+    runner = CliRunner()  # in this process: neither step needs one of its own
+    started = runner.invoke(app, ["run", str(folder), "Hello there", "--precision", "f32", "--state", str(state),
+                                  "--max-tokens", "4"])
+    assert started.exit_code == 0, started.stderr
+    before = state.read_bytes()
+    refused = runner.invoke(app, ["run", str(folder), "x", "--state", str(state)])
+    assert refused.exit_code == 1, refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("rgchat: error:")]
+    assert len(errors) == 1 and "rgchat state replay" in errors[0] and "--precision" in errors[0], refused.stderr
+    assert state.read_bytes() == before
+    command = shlex.split(errors[0].split("run: ", 1)[1])
+    assert command[:3] == ["rgchat", "state", "replay"] and command[command.index("--precision") + 1] == "int8"
+
+    replayed = rgchat(*command[1:], "-o", str(out))
+    assert replayed.returncode == 0, replayed.stderr
+    moved = statefile.load(out)
+    assert moved.identity["precision"] == "int8"
+    assert [t.text for t in moved.transcript] == [t.text for t in statefile.load(state).transcript]
+    assert state.read_bytes() == before
+
+
+def start(args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rgchat", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def f32_file(hf_dir, tmp_path_factory):
+    from rgchat.checkpoint import convert
+
+    return convert(hf_dir, "f32", tmp_path_factory.mktemp("f") / "tiny.safetensors")
+
+
+def test_ctrl_c_during_start_up_exits_130(f32_file):
+    for delay in (0.2, 0.6, 1.2):
+        proc = start(["run", str(f32_file), "x", "--max-tokens", "4"])
+        time.sleep(delay)  # importing torch, building the command line or loading the model
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert b"Traceback" not in err and b"Exception ignored" not in err, (delay, err.decode())
+        assert proc.returncode in (130, 0), (delay, proc.returncode, err.decode())  # 0: it had answered
+        if proc.returncode == 130:
+            assert out == b"", delay
+
+
+# Sends SIGINT to this process at one exact point of start-up: when module RGCHAT_TEST_SIGINT_AT="import:NAME"
+# starts being imported, or when RGCHAT_TEST_SIGINT_AT="call:MODULE:FUNCTION" is called; creates the file
+# RGCHAT_TEST_SIGINT_MARK when it does. Put on PYTHONPATH as sitecustomize, so that it runs before anything.
+SIGINT_HOOK = """
+import importlib.machinery, os, signal, sys
+
+_kind, _, _where = os.environ.get("RGCHAT_TEST_SIGINT_AT", "").partition(":")
+
+
+def _interrupt():
+    open(os.environ["RGCHAT_TEST_SIGINT_MARK"], "w").close()
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+class _Finder:
+    done = False
+
+    def find_spec(self, name, path=None, target=None):
+        module, _, function = _where.partition(":")
+        if self.done or name != (_where if _kind == "import" else module):
+            return None
+        self.done = True
+        if _kind == "import":
+            _interrupt()  # Ctrl-C just as this import begins
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_wrap(mod):
+            exec_module(mod)
+            original = getattr(mod, function, None)
+            if callable(original):
+                def interrupted(*args, **kwargs):
+                    _interrupt()
+                    return original(*args, **kwargs)
+                setattr(mod, function, interrupted)
+
+        spec.loader.exec_module = exec_and_wrap
+        return spec
+
+
+if _kind:
+    sys.meta_path.insert(0, _Finder())
+"""
+
+
+def interrupted_at(where: str, tmp_path: Path, model: Path) -> subprocess.CompletedProcess:
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SIGINT_HOOK)
+    mark = tmp_path / "interrupted"
+    mark.unlink(missing_ok=True)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
+           "RGCHAT_TEST_SIGINT_AT": where, "RGCHAT_TEST_SIGINT_MARK": str(mark)}
+    proc = start(["run", str(model), "x", "--max-tokens", "4"], env)
+    out, err = proc.communicate(timeout=120)
+    if not mark.exists():
+        pytest.skip(f"start-up no longer reaches {where}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+
+
+def test_ctrl_c_while_torch_imports_numpy_exits_130(tmp_path, f32_file):
+    result = interrupted_at("import:numpy", tmp_path, f32_file)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 130 and result.stdout == "", (result.returncode, result.stdout, result.stderr)
+
+
+def test_ctrl_c_while_the_command_line_is_built_exits_130(tmp_path, f32_file):
+    result = interrupted_at("call:typer.main:get_command", tmp_path, f32_file)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 130 and result.stdout == "", (result.returncode, result.stdout, result.stderr)
