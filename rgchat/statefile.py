@@ -353,23 +353,19 @@ class StateFile:
     def load_other(self, path: str | Path, identity: dict) -> SavedConversation:
         """Continue the conversation saved in `path` from now on (/load with --state): it is read, checked
         against `identity` and locked; this file is released. On any refusal nothing changes."""
-        if self.same_file(path):  # back to what this file holds
-            saved = self.read()
-            if saved is None:
-                raise RGChatError(f"{path}: no conversation has been saved in it")
-            check_model(saved.path, saved.identity, identity)
-            return saved
-        other = StateFile(path)
+        other = self if self.same_file(path) else StateFile(path)  # this file itself: read it again
         try:
             saved = other.read()
             if saved is None:
                 raise RGChatError(f"{path}: no conversation has been saved in it")
             check_model(saved.path, saved.identity, identity)
         except BaseException:
-            other.close()
+            if other is not self:
+                other.close()
             raise
-        self.close()
-        self.path, self._lock, self._seen = other.path, other._lock, other._seen
+        if other is not self:
+            self.close()
+            self.path, self._lock, self._seen = other.path, other._lock, other._seen
         return saved
 
     def same_file(self, path: str | Path) -> bool:

@@ -220,8 +220,7 @@ def show_lines(model: str) -> list[tuple[str, str]]:
     path = find(model)
     mf = modelfile.open_file(path)
     config = mf.config
-    with torch.device("meta"):
-        state_bytes = State.empty(config, dtype_of(mf.precision), "meta").nbytes
+    state_bytes = State.size_for(config, dtype_of(mf.precision))
     params = sum(torch.Size(e["shape"]).numel() for e in mf.entries.values())
     source = mf.source
     return [
