@@ -1,4 +1,5 @@
-"""A conversation: its State, its transcript, one snapshot for /undo and /regen, and the answer loop.
+"""A conversation: its State (a slot of an engine), its transcript, one snapshot for /undo and /regen, and
+its settings; it drives the decode loop (rgchat/generate.py) for each turn.
 
 Each turn prefills only its own new tokens on top of the state, so a turn costs the same whether it is the
 first or the thousandth. The session never looks inside the model, and the model never owns a conversation.
@@ -8,73 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import signal
-import time
+import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
-from rgchat.device import peak_rss_bytes
-from rgchat.errors import RGChatError
+from rgchat.engine import Engine
+from rgchat.generate import Event, Request, Stats, generate
 from rgchat.model import Griffin
-from rgchat.sampling import REPEAT_WINDOW, Sampler
+from rgchat.sampling import Sampler
+from rgchat.settings import REPEAT_WINDOW, Settings
 from rgchat.state import State
-from rgchat.tokenizer import StreamingDetokenizer, Tokenizer
-
-MAX_TOKENS = 1024  # default answer length limit
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """A network with its tokenizer, read from the store (or converted into it on first use)."""
-
-    model: Griffin
-    tokenizer: Tokenizer
-    name: str
-    precision: str
-    weights_sha256: str  # over the model file's per-tensor checksums: names these exact weights
-    tokenizer_sha256: str
-    spec: str  # how the user named it (store name, file or checkpoint path)
-
-    @property
-    def instruction_tuned(self) -> bool:
-        return self.name.endswith("-it")
-
-    def identity(self) -> dict:
-        """What a saved conversation must match to be resumed with this model."""
-        return {"name": self.name, "spec": self.spec, "config": self.model.config.to_dict(),
-                "precision": self.precision, "weights_sha256": self.weights_sha256,
-                "tokenizer_sha256": self.tokenizer_sha256}
-
-
-def load(spec: str, precision: str | None, device: torch.device, log=print) -> LoadedModel:
-    """MODEL as `rgchat run` takes it: a store name, a model file, or a checkpoint (converted once to
-    `precision`, by default int8)."""
-    from rgchat.checkpoint import TOKENIZER_FILE, load_file
-    from rgchat.modelfile import sha256_file
-    from rgchat.quant import DEFAULT_PRECISION
-    from rgchat.store import resolve
-
-    wanted = precision or DEFAULT_PRECISION
-    path = resolve(spec, wanted, log=log)
-    model, mf = load_file(path, str(device))
-    if precision and mf.precision != precision:
-        raise RGChatError(f"{path} holds {mf.precision} weights, not {precision}: "
-                          f"convert the original checkpoint with --precision {precision}")
-    tokenizer_path = path.parent / TOKENIZER_FILE
-    tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise RGChatError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} pieces but "
-                          f"the model only {model.config.vocab_size}: wrong tokenizer for this model")
-    tokenizer_sha256 = sha256_file(tokenizer_path)
-    if mf.metadata.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
-        raise RGChatError(f"{tokenizer_path}: not the tokenizer {path} was converted with; convert the "
-                          "checkpoint again (`rgchat run CHECKPOINT` does it) or put its tokenizer.model back")
-    weights = hashlib.sha256(mf.metadata["tensor_sha256"].encode()).hexdigest()
-    return LoadedModel(model, tokenizer, mf.metadata.get("name", path.parent.name), mf.precision, weights,
-                       tokenizer_sha256, spec)
+from rgchat.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
@@ -82,56 +29,6 @@ class Turn:
     role: str  # "user" or "model"
     text: str
     ids: list[int]  # exactly the tokens this turn fed into the state (template markers included)
-
-
-@dataclasses.dataclass
-class Stats:
-    """What the last answer cost. Times in seconds; decode covers the tokens fed back after sampling."""
-
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    ttft_s: float = 0.0  # from the question to the first answer token
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    stop_reason: str = ""  # end_of_turn, eos, max_tokens, stop_string, interrupted
-    peak_memory_bytes: int = 0
-
-    def to_dict(self) -> dict:
-        rate = lambda n, s: round(n / s, 2) if s > 0 else None
-        fields = {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
-        return {**fields, "prefill_tok_s": rate(self.prompt_tokens, self.prefill_s),
-                "decode_tok_s": rate(self.generated_tokens, self.decode_s)}
-
-    def summary(self) -> str:
-        d = self.to_dict()
-        return (f"{self.prompt_tokens} tokens in, {self.generated_tokens} out ({self.stop_reason}) · "
-                f"first token {self.ttft_s:.2f} s · prefill {d['prefill_tok_s']} tok/s · "
-                f"decode {d['decode_tok_s']} tok/s · peak memory {self.peak_memory_bytes / 2**30:.2f} GiB")
-
-
-class StopText:
-    """Streams text while holding back whatever might be the start of a stop string, so a stop string is
-    never printed; reports when one is complete."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(s for s in stops if s)
-        self.held = ""
-
-    def add(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to print, whether a stop string was reached)."""
-        self.held += text
-        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.held = self.held[:min(hits)], ""
-            return out, True
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.held)) + 1)
-                    if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out
 
 
 @dataclasses.dataclass
@@ -146,50 +43,87 @@ class Snapshot:
 
 
 class ChatSession:
-    """One conversation with one model. `template` selects Gemma's chat turns; without it every input is
-    plain text that the model continues (base models)."""
+    """One conversation with one model, in a one-slot engine of its own. `template` selects Gemma's chat
+    turns; without it every input is plain text that the model continues (base models)."""
 
-    def __init__(self, model: Griffin, tokenizer: Tokenizer, sampler: Sampler, *, template: bool,
-                 max_tokens: int = MAX_TOKENS, system: str | None = None, stop: tuple[str, ...] = ()):
-        self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
-        self.template = template
-        self.max_tokens, self.system, self.stop = max_tokens, system, stop
+    def __init__(self, model: Griffin, tokenizer: Tokenizer, settings: Settings | None = None, *, template: bool,
+                 system: str | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.sampler = Sampler(settings)
+        self.template, self.system = template, system
         if template and (tokenizer.start_of_turn_id is None or tokenizer.end_of_turn_id is None):
             tokenizer.chat_prompt("")  # raises the clear error
-        self.state = model.new_state()
+        self.engine = Engine(model, slots=1)
+        self.slot = self.engine.admit()
+        self.state = self.engine.state(self.slot)
         self.transcript: list[Turn] = []
         self.recent: deque[int] = deque(maxlen=REPEAT_WINDOW)  # for the repetition penalty
         self.stats = Stats()
-        self.interrupted = False  # set (by a signal handler) to stop the answer after the current token
+        self.cancel = threading.Event()  # set (by the CLI's Ctrl-C handler) to stop the answer in progress
         self.on_change: Callable[[ChatSession], None] | None = None  # called when the conversation changed
         self._before_last = Snapshot(self.state.clone(), [], [])
 
     @property
-    def stop_ids(self) -> set[int]:
+    def settings(self) -> Settings:
+        return self.sampler.settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        """New settings; a changed seed restarts the random stream from it."""
+        if settings.seed != self.sampler.settings.seed:
+            self.sampler.reseed(settings.seed)
+        self.sampler.settings = settings
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
         tok = self.tokenizer
-        return {tok.eos_id} | ({tok.end_of_turn_id} if self.template else set())
+        return frozenset({tok.eos_id} | ({tok.end_of_turn_id} if self.template else set()))
 
     # --- the conversation ------------------------------------------------------------------------------
 
-    def ask(self, text: str) -> Iterator[str]:
-        """Add a user turn and stream the answer as text pieces. Afterwards the turn is closed in the state
-        (also when the answer was cut short), `transcript` holds both turns and `stats` what it cost.
+    def ask(self, text: str) -> Iterator[Event]:
+        """Add a user turn and stream the answer's events. Afterwards the turn is closed in the state,
+        `transcript` holds both turns, `stats` what it cost, and `on_change` has run.
 
-        Should the turn fail (an exception, or a consumer that stops reading), the question is withdrawn:
-        state and transcript are as before it. `on_change` runs once the turn is complete."""
+        However the answer ends (its end, a stop, `cancel`, or the consumer closing the iterator), the turn is
+        closed and kept, as an answer capped at the tokens shown would be. Withdrawn instead, with state and
+        transcript as before the question: a cancel during the prefill, an error in the engine, and an
+        exception the consumer throws in (`events.throw(e)`: the answer could not be delivered)."""
         self._remember()
+        self.cancel.clear()
+        request = None
         try:
             ids = self._turn_ids(text)
+            request = Request(self.slot, ids, self.sampler, self.tokenizer, self.stop_ids,
+                              self._close_ids(), self.recent, self.cancel)
             self.transcript.append(Turn("user", text, ids))
-            answered = yield from self._answer(ids)
-        except BaseException:
-            self._restore()
-            self._before_last.valid = False
+            with contextlib.closing(generate(self.engine, request)) as events:
+                for event in events:
+                    yield event
+        except GeneratorExit:
+            self._end_turn(request)
             raise
-        if answered:
-            self._changed()
+        except BaseException:
+            self._withdraw()
+            raise
+        self._end_turn(request)
 
-    def regen(self) -> Iterator[str]:
+    def _end_turn(self, request: Request | None) -> None:
+        if request is None:
+            return
+        self.stats = request.stats
+        if not request.closed:  # cancelled while reading the question: as if never asked
+            self._withdraw()
+            return
+        answer = request.answer
+        self.transcript.append(Turn("model", self.tokenizer.decode(answer), answer + request.close_ids))
+        self._changed()
+
+    def _withdraw(self) -> None:
+        self._restore()
+        self._before_last.valid = False
+
+    def regen(self) -> Iterator[Event]:
         """Answer the last question again, from the state saved before it was asked."""
         before = self._before_last
         if not before.valid or len(self.transcript) <= len(before.transcript):
@@ -277,76 +211,3 @@ class ChatSession:
         if self.system and not any(t.role == "user" for t in self.transcript):
             text = f"{self.system}\n\n{text}"  # Gemma has no system role: it heads the first user turn
         return ids + tok.chat_prompt(text)
-
-    def _answer(self, ids: list[int]) -> Generator[str, None, bool]:
-        """Prefill the turn and stream its answer; returns whether the conversation changed (False when an
-        interrupted prefill withdrew the question)."""
-        self.interrupted = False
-        stats = self.stats = Stats(prompt_tokens=len(ids))
-        t0 = time.perf_counter()
-        logits = None
-        chunk = self.model.prefill_chunk
-        for i in range(0, len(ids), chunk):
-            logits = self.model.prefill(torch.tensor(ids[i:i + chunk], dtype=torch.long), self.state)
-            if self.interrupted:  # the question is withdrawn: as if never asked
-                self._restore()
-                self._before_last.valid = False
-                stats.stop_reason = "interrupted"
-                return False
-        stats.prefill_s = time.perf_counter() - t0
-
-        detok, stop_text = StreamingDetokenizer(self.tokenizer), StopText(self.stop)
-        vocab = self.tokenizer.vocab_size  # the embedding may have rows past the tokenizer's: never pick those
-        answer: list[int] = []
-        stats.stop_reason = "max_tokens"
-        for n in range(self.max_tokens):
-            token = self.sampler(logits[:vocab], self.recent)
-            if n == 0:
-                stats.ttft_s = time.perf_counter() - t0
-            if token in self.stop_ids:
-                stats.stop_reason = "eos" if token == self.tokenizer.eos_id else "end_of_turn"
-                break
-            answer.append(token)
-            self.recent.append(token)
-            piece, stopped = stop_text.add(detok.add(token))
-            if piece:
-                yield piece  # shown before the step below: consumers must run this generator to its end
-            t1 = time.perf_counter()
-            logits = self.model.step(token, self.state)  # every answer token is fed, also the last one
-            stats.decode_s += time.perf_counter() - t1
-            if stopped or self.interrupted:
-                stats.stop_reason = "stop_string" if stopped else "interrupted"
-                break
-        stats.generated_tokens = len(answer)
-        if stats.stop_reason != "stop_string":
-            tail = stop_text.add(detok.flush())[0] + stop_text.flush()
-            if tail:
-                yield tail
-        fed = list(answer)
-        if close := self._close_ids():  # close the turn, whatever ended it, so the next one starts cleanly
-            self.model.prefill(torch.tensor(close, dtype=torch.long), self.state)
-            fed += close
-        self.transcript.append(Turn("model", self.tokenizer.decode(answer), fed))
-        stats.peak_memory_bytes = peak_memory_bytes(self.model.device)
-        return True
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak process memory, plus the accelerator's own peak where there is one."""
-    extra = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return peak_rss_bytes() + extra
-
-
-@contextlib.contextmanager
-def ctrl_c_stops(session: ChatSession) -> Iterator[None]:
-    """While active, Ctrl-C asks the session to stop after the current token (or prefill chunk) instead
-    of raising KeyboardInterrupt in the middle of a state update."""
-
-    def handler(signum, frame):
-        session.interrupted = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -8,7 +8,6 @@ transformers' names (without `model.`).
 from __future__ import annotations
 
 import json
-import mmap
 import pickle
 import re
 import zipfile
@@ -23,14 +22,11 @@ from rgchat import config as config_lib
 from rgchat.config import GriffinConfig
 from rgchat.errors import RGChatError
 from rgchat.files import copy_atomically, open_regular, read_bounded, writable_target
-from rgchat.model import Griffin, ready_for_device_
+from rgchat.model import Griffin
 from rgchat.progress import Reporter
-from rgchat.quant import (
-    check_precision, convert_tensor, dtype_of, packed_tensors, quantizable_weights,
-    swap_modules_,
-)
+from rgchat.quant import check_precision, convert_tensor, dtype_of, quantizable_weights, swap_modules_
+from rgchat.store import TOKENIZER_FILE, source_name
 
-TOKENIZER_FILE = "tokenizer.model"
 MAX_JSON_BYTES = 16 << 20  # config.json and the shard index are a few KB; refuse anything near this
 
 
@@ -187,16 +183,6 @@ def source_info(ckpt: Checkpoint) -> dict:
     }
 
 
-def source_name(path: Path) -> str:
-    """A checkpoint's name: its Hub repo's for a snapshot in the Hugging Face cache, else its folder's name,
-    or the .pt file's stem ("2b-it" for 2b-it.pt)."""
-    from rgchat.hub import cached_repo
-
-    if (repo := cached_repo(path)) is not None:
-        return repo.name
-    return path.stem if path.is_file() else path.name
-
-
 def convert(source: str | Path, precision: str, output: str | Path, *, name: str | None = None,
             origin: dict | None = None, progress: Reporter | None = None, own_folder: bool = False) -> Path:
     """Convert a checkpoint into one model file of `precision`, streaming tensor by tensor.
@@ -256,56 +242,3 @@ def convert(source: str | Path, precision: str, output: str | Path, *, name: str
     return output
 
 
-def load_file(path: str | Path, device: str = "cpu") -> tuple[Griffin, modelfile.ModelFile]:
-    """Build the network from a model file: tensors are mmap views (copied only to move off the CPU)."""
-    mf = modelfile.open_file(path)
-    mf.verify()
-    precision = check_precision(mf.precision)
-    with torch.device("meta"):
-        model = swap_modules_(Griffin(mf.config, dtype_of(precision)), precision)
-    try:
-        weights = {name: t.to(device) for name, t in mf.tensors().items()}
-        model.load_state_dict(weights, assign=True, strict=True)
-    except RuntimeError as e:
-        raise RGChatError(f"{mf.path}: tensors do not match the model it describes ({str(e).splitlines()[0]})")
-    cache = mf.path.with_name(f"{mf.path.name}.int4pack-torch-{torch.__version__}")
-    use_cache = precision == "int4" and device == "cpu"
-    packed = _read_pack_cache(cache, mf) if use_cache else None
-    ready_for_device_(model, packed)
-    if use_cache and packed is None:
-        _write_pack_cache(cache, mf, model)
-    if (device != "cpu" or precision == "int4") and hasattr(mf.buffer, "madvise"):
-        # The weights now live in copies (on the device, or repacked), so the file's pages may go; the few
-        # rows still read from it (int4 embedding lookups) fault back in from the page cache.
-        mf.buffer.madvise(mmap.MADV_DONTNEED)
-    return model.eval(), mf
-
-
-# int4 on CPU runs from torch's own packed layout, which depends on the torch version and takes seconds to
-# build for a 2B model, so the packed tensors are cached beside the model file, tied to its exact state.
-PACK_CACHE_FORMAT = "rgchat-int4-pack-cache"
-
-
-def _model_stamp(mf: modelfile.ModelFile) -> str:
-    return json.dumps([mf.stamp(), mf.metadata["tensor_sha256"]], sort_keys=True)
-
-
-def _read_pack_cache(path: Path, mf: modelfile.ModelFile) -> dict[str, torch.Tensor] | None:
-    try:
-        cache = modelfile.open_file(path, PACK_CACHE_FORMAT)
-        if cache.metadata.get("model_stamp") != _model_stamp(mf):
-            return None
-        cache.verify()
-        return cache.tensors()
-    except (RGChatError, OSError):
-        return None  # missing, stale or damaged: pack again
-
-
-def _write_pack_cache(path: Path, mf: modelfile.ModelFile, model: Griffin) -> None:
-    tensors = packed_tensors(model)
-    layout = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
-    metadata = {"config": mf.metadata["config"], "precision": "int4", "model_stamp": _model_stamp(mf)}
-    try:
-        modelfile.write(path, layout, metadata, tensors.items(), PACK_CACHE_FORMAT)
-    except RGChatError:  # a read-only folder: pack again next time
-        pass

@@ -18,8 +18,7 @@ from typer.exceptions import TyperException
 
 from rgchat import device as device_lib
 from rgchat.config import PRESETS
-from rgchat import sampling
-from rgchat.chat import MAX_TOKENS
+from rgchat.settings import DEFAULTS, HELP, SettingError, Settings
 from rgchat.errors import RGChatError, UsageError
 from rgchat.quant import PRECISIONS
 
@@ -78,16 +77,14 @@ def run(
     raw: Annotated[bool, typer.Option("--raw", help="Continue the text as is, no chat template.")] = False,
     chat: Annotated[bool, typer.Option("--chat", help="Use Gemma's chat template (default for -it models).")] = False,
     system: Annotated[Optional[str], typer.Option(help="Instructions put at the head of the first user turn.")] = None,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = sampling.TEMPERATURE,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens (0: all).")] = sampling.TOP_K,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (1: off).")] = sampling.TOP_P,
-    min_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Drop tokens less likely than this times the "
-                                                               "likeliest (0: off).")] = sampling.MIN_P,
-    repeat_penalty: Annotated[float, typer.Option(min=0.01, help=f"Penalise the last {sampling.REPEAT_WINDOW} "
-                                                               "tokens (1: off).")] = sampling.REPEAT_PENALTY,
-    seed: Annotated[Optional[int], typer.Option(help="Seed: the same seed and input give the same output.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = MAX_TOKENS,
-    stop: Annotated[Optional[list[str]], typer.Option(help="End the answer at this text (repeatable).")] = None,
+    temperature: Annotated[float, typer.Option(help=HELP["temperature"])] = DEFAULTS.temperature,
+    top_k: Annotated[int, typer.Option(help=HELP["top_k"])] = DEFAULTS.top_k,
+    top_p: Annotated[float, typer.Option(help=HELP["top_p"])] = DEFAULTS.top_p,
+    min_p: Annotated[float, typer.Option(help=HELP["min_p"])] = DEFAULTS.min_p,
+    repeat_penalty: Annotated[float, typer.Option(help=HELP["repeat_penalty"])] = DEFAULTS.repeat_penalty,
+    seed: Annotated[Optional[int], typer.Option(help=HELP["seed"])] = DEFAULTS.seed,
+    max_tokens: Annotated[int, typer.Option(help=HELP["max_tokens"])] = DEFAULTS.max_tokens,
+    stop: Annotated[Optional[list[str]], typer.Option(help=HELP["stop"])] = None,
     lines: Annotated[bool, typer.Option("--lines", help="Each stdin line is one user turn of one conversation; "
                                                        "each answer ends with a newline.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timings and memory on stderr.")] = False,
@@ -101,7 +98,7 @@ def run(
 ) -> None:
     """Chat with a model: interactively in a terminal, or answer PROMPT and/or stdin and exit."""
     from rgchat import chat as chat_lib
-    from rgchat import pipe, statefile
+    from rgchat import loader, pipe, statefile
 
     if raw and chat:
         raise UsageError("--raw and --chat exclude each other")
@@ -109,9 +106,9 @@ def run(
     system = pipe.decode_argument(system, "--system", sys.stderr)
     stops = tuple(pipe.decode_argument(text, "--stop", sys.stderr) for text in stop or ())
     try:
-        sampler = sampling.Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        settings = Settings(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens, stops)
+    except SettingError as e:  # named as the flag that gave it
+        raise UsageError(f"--{e.name.replace('_', '-')}{str(e).removeprefix(e.name)}") from None
     if sys.stdout is None:
         raise RGChatError("standard output is closed: nowhere to write the answer (redirect it to a file)")
     stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()  # a closed stdin reads as empty
@@ -122,10 +119,10 @@ def run(
     conversation = statefile.StateFile(state) if state else None
     try:
         saved = conversation.read() if conversation else None
-        loaded = chat_lib.load(model, precision.value if precision else None, device_lib.resolve(device.value),
-                               log=log)
-        session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, sampler, max_tokens=max_tokens, system=system,
-                                       stop=stops, template=chat or (loaded.instruction_tuned and not raw))
+        loaded = loader.load(model, precision.value if precision else None, device_lib.resolve(device.value),
+                             log=log)
+        session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, settings, system=system,
+                                       template=chat or (loaded.instruction_tuned and not raw))
         if saved is not None:
             statefile.resume(session, saved, loaded.identity(), template=True if chat else False if raw else None,
                              seed=seed, system=system, warn=log)
@@ -158,7 +155,7 @@ def convert(
     """Convert a checkpoint into one rgchat model file (tokenizer.model is copied beside it)."""
     from rgchat.checkpoint import Checkpoint
     from rgchat.checkpoint import convert as convert_checkpoint
-    from rgchat.store import checkpoint_entry
+    from rgchat.loader import checkpoint_entry
 
     ckpt = Checkpoint(source)
     target = output or checkpoint_entry(ckpt, precision.value)
@@ -215,9 +212,32 @@ def list_models(
 @user_errors
 def show(model: Annotated[str, typer.Argument(help="A model in the store, its folder, or a model file.")]) -> None:
     """Show a model's config, precision, sizes and state size."""
-    from rgchat.store import show_lines
+    import torch
 
-    for label, value in show_lines(model):
+    from rgchat import modelfile
+    from rgchat.quant import dtype_of
+    from rgchat.state import State
+    from rgchat.store import find
+
+    path = find(model)
+    mf = modelfile.open_file(path)
+    config, source = mf.config, mf.source
+    params = sum(torch.Size(e["shape"]).numel() for e in mf.entries.values())
+    lines = [
+        ("name", mf.metadata.get("name", "?")),
+        ("file", str(path)),
+        ("precision", mf.precision),
+        ("size on disk", f"{path.stat().st_size:,} bytes"),
+        ("stored values", f"{params:,}"),
+        ("config", json.dumps(config.to_dict())),
+        ("layers", f"{config.num_layers} ({config.block_types.count('recurrent')} recurrent, "
+                   f"{config.block_types.count('attention')} attention)"),
+        ("state size", f"{State.size_for(config, dtype_of(mf.precision)):,} bytes at any length"),
+        ("source", f"{source.get('path', '?')} ({source.get('kind', '?')})"),
+        ("tokenizer sha256", mf.metadata.get("tokenizer_sha256", "?")),
+        ("written by", f"rgchat {mf.metadata.get('rgchat_version', '?')}, format {mf.metadata['format_version']}"),
+    ]
+    for label, value in lines:
         print(f"{label}: {value}")
 
 
@@ -226,9 +246,10 @@ def show(model: Annotated[str, typer.Argument(help="A model in the store, its fo
 def verify(model: Annotated[str, typer.Argument(help="A model in the store, its folder, or a model file.")]) -> None:
     """Hash every tensor and the tokenizer against the checksums recorded when the model was made (loading
     skips this for a file unchanged since its last check)."""
-    from rgchat.store import verify as verify_model
+    from rgchat.loader import verify as verify_model
+    from rgchat.store import find
 
-    for label, value in verify_model(model):
+    for label, value in verify_model(find(model)):
         print(f"{label}: {value}")
 
 
@@ -272,13 +293,13 @@ def state_replay(
 ) -> None:
     """Rebuild a conversation's state for another model or precision by prefilling its transcript."""
     from rgchat import chat as chat_lib
-    from rgchat import statefile
+    from rgchat import loader, statefile
 
     saved = statefile.load(file)
     with contextlib.closing(statefile.StateFile(output or file)) as out:  # locked and writable before the model runs
-        loaded = chat_lib.load(model, precision.value if precision else None, device_lib.resolve(device.value),
-                               log=lambda line: print(line, file=sys.stderr))
-        session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, sampling.Sampler(), template=saved.template)
+        loaded = loader.load(model, precision.value if precision else None, device_lib.resolve(device.value),
+                             log=lambda line: print(line, file=sys.stderr))
+        session = chat_lib.ChatSession(loaded.model, loaded.tokenizer, template=saved.template)
         statefile.replay(saved, session,
                          same_tokenizer=saved.identity.get("tokenizer_sha256") == loaded.tokenizer_sha256)
         out.write(session, loaded.identity())
@@ -294,6 +315,9 @@ def bench(
     device: DeviceOpt = Device.cpu,
     prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length for the prefill timing.")] = 256,
     gen_tokens: Annotated[int, typer.Option(min=0, help="Tokens to decode for the decode timing.")] = 16,
+    batch: Annotated[Optional[list[int]], typer.Option(min=1, max=64, help="Conversations (distinct prompts) "
+                     "decoded together, one batched step per token; repeat it to measure several, one after "
+                     "another.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random weights and prompt.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
     scan: Annotated[bool, typer.Option("--scan", help="Time the RG-LRU scan alone: native vs PyTorch, "
@@ -310,12 +334,15 @@ def bench(
                                                   "at 1k, N/4, N/2 and N.")] = 0,
     prefill_sweep: Annotated[bool, typer.Option("--prefill-sweep", help="Also time prefill at 128, 2048 and "
                                                                        "16384 tokens.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Draw memory and speed against tokens (with --long) into "
-                                                      "this PNG (needs matplotlib).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw memory and speed against tokens (with --long), or "
+                                                      "speed against --batch (several given), into this PNG "
+                                                      "(needs matplotlib).")] = None,
 ) -> None:
     """Measure prefill and decode speed on random weights of a real shape (no download needed)."""
-    from rgchat.bench import plot as bench_plot
-    from rgchat.bench import run_bench, save_random_model, time_scan, time_state_file
+    from rgchat.bench import run_bench, time_scan, time_state_file
+    from rgchat.bench.plot import plot as bench_plot
+    from rgchat.bench.plot import plot_batches
+    from rgchat.bench.random_weights import save_random_model
 
     dev = device_lib.resolve(device.value)
     if save:
@@ -330,12 +357,16 @@ def bench(
         with tempfile.TemporaryDirectory() as folder:
             results = [time_state_file(shape.value, precision.value, Path(folder))]
     else:
-        if plot and not long:
-            raise UsageError("--plot draws the --long run: give --long N")
+        batches = batch or [1]
+        if plot and not long and len(batches) < 2:
+            raise UsageError("--plot draws the --long run, or several --batch runs: give --long N or --batch "
+                             "more than once")
         results = [run_bench(shape.value, precision.value, dev, prompt_tokens, gen_tokens, seed, model,
-                             compare_hf=compare is not None, long_tokens=long, sweep=prefill_sweep)]
+                             compare_hf=compare is not None, long_tokens=long, sweep=prefill_sweep, batch=b)
+                   for b in batches]
         if plot:
-            print(f"rgchat: wrote {bench_plot(results[0], plot)}", file=sys.stderr)
+            drawn = plot_batches(results, plot) if len(batches) > 1 else bench_plot(results[0], plot)
+            print(f"rgchat: wrote {drawn}", file=sys.stderr)
     if as_json:
         for result in results:
             print(json.dumps(result))

@@ -19,10 +19,12 @@ import os
 import shutil
 from pathlib import Path
 
+from rgchat.checkpoint import convert
 from rgchat.errors import RGChatError
 from rgchat.files import copy_atomically, open_regular, read_bounded, write_atomically
 from rgchat.modelfile import sha256_file
 from rgchat.progress import Reporter, Task
+from rgchat.store import ORIGIN_FILE, TOKENIZER_FILE, entry_for, entry_path, hub_stem, store_dir
 
 ALIASES = {
     "2b": "google/recurrentgemma-2b",
@@ -50,8 +52,7 @@ class HubModel:
     def name(self) -> str:
         """The model's name and store name's stem: the repo's name for Google's repos, OWNER--REPO for any
         other."""
-        owner, repo = self.repo_id.split("/")
-        return repo if owner == "google" else f"{owner}--{repo}"
+        return hub_stem(self.repo_id)
 
 
 def parse(spec: str) -> HubModel | None:
@@ -65,20 +66,6 @@ def parse(spec: str) -> HubModel | None:
     if len(parts) != 2 or not all(parts) or any(p.startswith(".") for p in parts):
         raise RGChatError(f"{spec!r}: write a Hub model as hf:OWNER/REPO or hf:OWNER/REPO@REVISION")
     return HubModel(repo_id, revision or None)
-
-
-def cached_repo(path: Path) -> HubModel | None:
-    """The repo of a snapshot folder (or a file in one) in a Hugging Face cache:
-    .../models--OWNER--REPO/snapshots/COMMIT[/FILE]."""
-    folder = path.parent if path.is_file() else path
-    resolved = folder.resolve()
-    for snapshot in (folder, resolved):
-        repo_folder = snapshot.parent.parent
-        if snapshot.parent.name == "snapshots" and repo_folder.name.startswith("models--"):
-            owner, sep, repo = repo_folder.name[len("models--"):].partition("--")
-            if sep and owner and repo:
-                return HubModel(f"{owner}/{repo}")
-    return None
 
 
 # --- errors users meet, in one or two lines ---------------------------------------------------------------
@@ -278,8 +265,6 @@ def pull(model: HubModel, precision: str, keep_original: bool = False, progress:
     """Make MODEL at `precision` available in the store and return its model file. Without network access
     when it is already there; otherwise download (resuming), verify, convert and drop the raw files."""
     from rgchat import modelfile
-    from rgchat.checkpoint import TOKENIZER_FILE, convert
-    from rgchat.store import ORIGIN_FILE, entry_for, entry_path, store_dir
 
     target = entry_path(entry_for(model.name, precision, f"hf:{model.repo_id}"))
     if target.is_file():

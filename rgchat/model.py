@@ -1,21 +1,24 @@
 """The Griffin network (RecurrentGemma): residual blocks of RG-LRU recurrence or local attention, plus MLPs.
 
 The model owns weights only. All per-conversation memory lives in a `State` that every call reads and
-updates in place, so `prefill` can continue any conversation and `step` decodes one token.
+updates in place, so `prefill` can continue any conversation, and `decode` gives the next token of several
+conversations at once (one row each, every conversation at its own position).
+
+Activations are [n, T, width]: n conversations of T new tokens each. Prefill has n = 1, a decode step
+T = 1; only the conv, the RG-LRU and attention look across tokens, and attention runs per conversation.
 Parameter names match Hugging Face transformers' (without the `model.` prefix).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rgchat.config import RECURRENT, GriffinConfig
-from rgchat.quant import Embedding, Linear, fuse_linears, prepare_model_
+from rgchat.quant import Embedding, Linear, fuse_linears, prepare_model_, row_by_row
 from rgchat.scan import rglru
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
 
@@ -85,22 +88,29 @@ class RGLRU(nn.Module):
         self.recurrent_gate_weight = _param(heads, block, block, dtype=dtype, device=device)
         self.recurrent_gate_bias = _param(heads, block, dtype=dtype, device=device)
 
-    def _gate(self, xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # xb [heads, T, block] @ weight [heads, block, block] -> [T, L], before the sigmoid
+    def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # x [rows, L] as xb [heads, rows, block] @ weight [heads, block, block] -> [rows, L], before the sigmoid
+        xb = x.view(x.shape[0], weight.shape[0], -1).transpose(0, 1)
         out = torch.baddbmm(bias[:, None, :], xb, weight)
-        return out.transpose(0, 1).reshape(xb.shape[1], -1)
+        return out.transpose(0, 1).reshape(x.shape[0], -1)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, at_start: bool) -> torch.Tensor:
-        T = x.shape[0]
-        xb = x.view(T, self.input_gate_weight.shape[0], -1).transpose(0, 1)
-        gate_x = self._gate(xb, self.input_gate_weight, self.input_gate_bias)
-        gate_a = self._gate(xb, self.recurrent_gate_weight, self.recurrent_gate_bias)
+        """x [n, T, L] from the carries h [n, L] (updated in place); at_start: the chunk starts a document
+        (n = 1 only: a decode step always continues one)."""
+        n, T, L = x.shape
+        rows = x.reshape(n * T, L)
+        gate_x = row_by_row(lambda r: self._gate(r, self.input_gate_weight, self.input_gate_bias), rows)
+        gate_a = row_by_row(lambda r: self._gate(r, self.recurrent_gate_weight, self.recurrent_gate_bias), rows)
         a_scale = -8.0 * F.softplus(self.recurrent_param.float())
         reset = None
         if at_start:  # a document starts at the first token of this chunk
             reset = torch.zeros(T, dtype=torch.bool, device=x.device)
             reset[0] = True
-        return rglru(x, gate_x, gate_a, a_scale, h, reset)
+        if n == 1:
+            return rglru(rows, gate_x, gate_a, a_scale, h[0], reset).view(n, T, L)
+        # One token per conversation: every (conversation, channel) pair is a channel of one scan step.
+        flat = lambda t: t.view(1, n * L)  # noqa: E731
+        return rglru(flat(rows), flat(gate_x), flat(gate_a), a_scale.repeat(n), h.view(n * L)).view(n, T, L)
 
 
 class RecurrentBlock(nn.Module):
@@ -115,20 +125,36 @@ class RecurrentBlock(nn.Module):
         self.rg_lru = RGLRU(cfg, dtype, device)
         self.linear_yx = None  # linear_y and linear_x as one matrix, once fuse_projections_ ran
 
-    def forward(self, x: torch.Tensor, state: RecurrentLayerState, chunk: Chunk) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: list[RecurrentLayerState], chunks: list[Chunk]) -> torch.Tensor:
         if self.linear_yx is not None:
             y, u = self.linear_yx(x).chunk(2, dim=-1)
         else:
             y, u = self.linear_y(x), self.linear_x(x)
         y = gelu(y)
+        conv_state, h = gathered([s.conv for s in states]), gathered([s.h for s in states])
         # Causal depthwise conv over [previous inputs, this chunk]: out_t = b + sum_k w[k] * u_{t-(width-1)+k}.
-        window = torch.cat([state.conv, u])
+        window = torch.cat([conv_state, u], dim=1)  # [n, width - 1 + T, L]
         w = self.conv_1d.weight[:, 0, :]
-        T, width = u.shape[0], w.shape[1]
-        conv = self.conv_1d.bias + sum(window[k:k + T] * w[:, k] for k in range(width))
-        state.conv.copy_(window[T:])
-        u = self.rg_lru(conv, state.h, at_start=chunk.start == 0)  # (a static step never starts a document)
+        T, width = u.shape[1], w.shape[1]
+        conv = self.conv_1d.bias + sum(window[:, k:k + T] * w[:, k] for k in range(width))
+        conv_state.copy_(window[:, T:])
+        # (a static step never starts a document)
+        u = self.rg_lru(conv, h, at_start=len(chunks) == 1 and chunks[0].start == 0)
+        scatter([s.conv for s in states], conv_state)
+        scatter([s.h for s in states], h)
         return self.linear_out(u * y)
+
+
+def gathered(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The conversations' tensors as one [n, ...] tensor: a view of the only one, or a stacked copy (whose
+    updates `scatter` writes back)."""
+    return rows[0][None] if len(rows) == 1 else torch.stack(rows)
+
+
+def scatter(rows: list[torch.Tensor], batched: torch.Tensor) -> None:
+    if len(rows) > 1:
+        for row, value in zip(rows, batched, strict=True):
+            row.copy_(value)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -173,13 +199,19 @@ class AttentionBlock(nn.Module):
         self.o_proj = Linear(cfg.width, cfg.width, True, dtype, device)
         self.qkv_proj = None  # q_proj, k_proj and v_proj as one matrix, once fuse_projections_ ran
 
-    def forward(self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk) -> torch.Tensor:
-        T = x.shape[0]
+    def forward(self, x: torch.Tensor, states: list[AttentionLayerState], chunks: list[Chunk]) -> torch.Tensor:
         if self.qkv_proj is not None:
             kv_width = self.kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        out = [self._attend(*parts) for parts in zip(q, k, v, states, chunks, strict=True)]
+        return self.o_proj(torch.stack(out))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: AttentionLayerState,
+                chunk: Chunk) -> torch.Tensor:
+        """One conversation's T new tokens ([T, width] projections) against its ring buffer."""
+        T = q.shape[0]
         q = apply_rope(q.view(T, self.heads, self.head_dim), chunk.cos, chunk.sin)
         k = apply_rope(k.view(T, self.kv_heads, self.head_dim), chunk.cos, chunk.sin)
         v = v.view(T, self.kv_heads, self.head_dim)
@@ -198,10 +230,10 @@ class AttentionBlock(nn.Module):
             state.v.index_copy_(0, chunk.slot, v)
         else:
             keep = min(T, window)
-            slots = torch.arange(chunk.start + T - keep, chunk.start + T, device=x.device) % window
+            slots = torch.arange(chunk.start + T - keep, chunk.start + T, device=q.device) % window
             state.k.index_copy_(0, slots, k[T - keep:])
             state.v.index_copy_(0, slots, v[T - keep:])
-        return self.o_proj(out)
+        return out
 
 
 class ResidualBlock(nn.Module):
@@ -213,8 +245,8 @@ class ResidualBlock(nn.Module):
         self.channel_pre_norm = RMSNorm(cfg.width, cfg.rms_eps, dtype, device)
         self.mlp_block = MLP(cfg, dtype, device)
 
-    def forward(self, x: torch.Tensor, state: LayerState, chunk: Chunk) -> torch.Tensor:
-        r = x + self.temporal_block(self.temporal_pre_norm(x), state, chunk)
+    def forward(self, x: torch.Tensor, states: list[LayerState], chunks: list[Chunk]) -> torch.Tensor:
+        r = x + self.temporal_block(self.temporal_pre_norm(x), states, chunks)
         return r + self.mlp_block(self.channel_pre_norm(r))
 
 
@@ -226,7 +258,6 @@ class Griffin(nn.Module):
         self.layers = nn.ModuleList(ResidualBlock(config, kind, dtype, device) for kind in config.block_types)
         self.final_norm = RMSNorm(config.width, config.rms_eps, dtype, device)
         self.embed_scale = config.embed_scale  # a plain float, computed once (torch.compile traces the step)
-        self.graph_step = None  # the captured CUDA decode step, once made (rgchat/cuda_graph.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -270,21 +301,39 @@ class Griffin(nn.Module):
 
         Returns float32 logits for the last token [vocab], or for every token [T, vocab] if all_logits.
         """
-        x = self._layers(tokens.to(self.device), state, self._chunk(state.pos, tokens.shape[0]))
+        x = self._layers(tokens.to(self.device)[None], [state], [self._chunk(state.pos, tokens.shape[0])])[0]
         state.pos += tokens.shape[0]
         return self._logits(x if all_logits else x[-1])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, states: list[State]) -> torch.Tensor:
+        """One decode step for several conversations: tokens [n], the next token of each of `states` (updated
+        in place, each at its own position). Returns float32 logits [n, vocab].
+
+        A row's logits do not depend on the other rows (see `quant.row_by_row` and `quant.int8_matmul`), so a
+        conversation decodes to the same tokens alone or beside others."""
+        if len(states) != tokens.shape[0] or not states:
+            raise ValueError("decode takes one token per state")
+        if len(states) > 1 and any(s.pos == 0 for s in states):
+            raise ValueError("decode continues conversations: prefill their first tokens")
+        chunks = [self._chunk(s.pos, 1) for s in states]
+        x = self._layers(tokens.to(self.device)[:, None], states, chunks)
+        for s in states:
+            s.pos += 1
+        return self._logits(x[:, -1])
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot trace in-place updates of the state under it
     def step_static(self, token: torch.Tensor, pos: torch.Tensor, state: State) -> torch.Tensor:
         """One decode step with the token [1] and its position (0-d) as device tensors, and shapes that never
         change: what a CUDA graph captures (after torch.compile). The caller advances `state.pos`."""
-        return self._logits(self._layers(token, state, self._static_chunk(pos))[-1])
+        return self._logits(self._layers(token[None], [state], [self._static_chunk(pos)])[0, -1])
 
-    def _layers(self, tokens: torch.Tensor, state: State, chunk: Chunk) -> torch.Tensor:
+    def _layers(self, tokens: torch.Tensor, states: list[State], chunks: list[Chunk]) -> torch.Tensor:
+        """tokens [n, T] of n conversations -> the final hidden states [n, T, width]."""
         x = self.embed_tokens.lookup(tokens)
         x = x * self.embed_scale  # exact: the scale is a bfloat16 value
-        for layer, layer_state in zip(self.layers, state.layers, strict=True):
-            x = layer(x, layer_state, chunk)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, [s.layers[i] for s in states], chunks)
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -306,15 +355,9 @@ class Griffin(nn.Module):
         return logits
 
     def step(self, token: int | torch.Tensor, state: State) -> torch.Tensor:
-        """Decode one token; returns its logits [vocab]. On CUDA the step replays a captured graph (see
-        rgchat/cuda_graph.py), whose logits buffer is overwritten by the next step."""
-        if self.device.type == "cuda" and state.pos > 0:
-            from rgchat import cuda_graph
-
-            runner = cuda_graph.runner(self, state)
-            if runner is not None:
-                return runner(token, state)
-        return self.forward(torch.as_tensor(token).reshape(1), state)
+        """Decode one token of one conversation; returns its logits [vocab]. (The engine, rgchat/engine.py,
+        decodes many at once, and on CUDA replays a captured graph.)"""
+        return self.decode(torch.as_tensor(token).reshape(1), [state])[0]
 
     def weight_bytes(self) -> int:
         """Bytes of weights one decoded token reads: every matrix once (the tied embedding for the logits),
@@ -354,42 +397,3 @@ def ready_for_device_(model: Griffin, packed: dict[str, torch.Tensor] | None = N
     projections joined (`fuse_projections_`)."""
     prepare_model_(model, packed)
     return fuse_projections_(model) if model.device.type != "cpu" else model
-
-
-def random_tensors(model: Griffin, seed: int = 0, out_gain: float = 4.0):
-    """Random weights of realistic scale for every parameter of `model` (tests, bench), one at a time.
-
-    The residual stream starts as a scaled copy of the token's embedding, and the logits are that
-    embedding matrix again, so with timid block outputs a random model just repeats its last token.
-    Output projections are therefore `out_gain` (4) times the usual scale, and the final norm is boosted so
-    the logits have clear margins: greedy output then varies with the input. (At 4x the network is also
-    chaotic, amplifying any rounding; out_gain=1 gives the calmer dynamics of a trained model.)
-    Yields (name, float32 tensor).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        shape = p.shape
-        if name.endswith("recurrent_param"):
-            # softplus(param) such that a = exp(-8 * gate * softplus) spans roughly 0.3 .. 0.999
-            value = torch.empty(shape).uniform_(-7.0, -1.0, generator=gen)
-        elif name == "final_norm.weight":
-            value = 3.0 + torch.randn(shape, generator=gen) * 0.2
-        elif "norm" in name:
-            value = torch.randn(shape, generator=gen) * 0.2
-        elif name.endswith("bias"):
-            value = torch.randn(shape, generator=gen) * 0.1
-        elif name.endswith("conv_1d.weight"):
-            value = torch.randn(shape, generator=gen) * 0.5
-        else:  # [out, in] matrices, the [heads, in, out] gate blocks and the embedding
-            gain = out_gain if name.endswith(("o_proj.weight", "linear_out.weight", "down_proj.weight")) else 1.0
-            fan_in = shape[-2] if name.endswith("gate_weight") else shape[-1]
-            value = torch.randn(shape, generator=gen) * (gain / math.sqrt(fan_in))
-        yield name, value
-
-
-def init_random_(model: Griffin, seed: int = 0, out_gain: float = 4.0) -> Griffin:
-    """Fill a plain (f32/bf16) model, possibly on the meta device, with `random_tensors`."""
-    dtype = model.dtype
-    weights = {name: value.to(dtype) for name, value in random_tensors(model, seed, out_gain)}
-    model.load_state_dict(weights, assign=True, strict=True)
-    return model

@@ -8,8 +8,9 @@ import contextlib
 import json
 from typing import BinaryIO, TextIO
 
-from rgchat.chat import ChatSession, ctrl_c_stops
+from rgchat.chat import ChatSession
 from rgchat.errors import RGChatError, UsageError
+from rgchat.interrupt import ctrl_c_sets
 
 MAX_INPUT_BYTES = 32 << 20  # far beyond any sane prompt; refuse rather than tokenize gigabytes
 
@@ -64,9 +65,12 @@ def answer(session: ChatSession, text: str, out: TextIO, err: TextIO, verbose: b
            stats_json: bool = False) -> None:
     """Stream one answer to `out`, ending with a newline. Ctrl-C stops it and then exits 130."""
     try:
-        with ctrl_c_stops(session), contextlib.closing(session.ask(text)) as pieces:
-            for piece in pieces:
-                emit(out, piece)
+        with ctrl_c_sets(session.cancel), contextlib.closing(session.ask(text)) as events:
+            for event in events:
+                try:
+                    emit(out, event.text)
+                except (OutputError, BrokenPipeError) as e:
+                    events.throw(e)  # the answer never reached its reader: the session withdraws the turn
     except (OutputError, BrokenPipeError):
         raise
     except BaseException:

@@ -52,7 +52,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return row_by_row(lambda rows: F.linear(rows, self.weight, self.bias), x)
 
 
 class Embedding(nn.Module):
@@ -66,7 +66,25 @@ class Embedding(nn.Module):
         return F.embedding(tokens, self.weight)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return row_by_row(lambda rows: F.linear(rows, self.weight), x)
+
+
+# MKL's float32 matrix product on the CPU sums a row's products in an order that depends on how many rows
+# are multiplied together, so a conversation decoded beside others would not get the logits it gets alone.
+# Up to this many float32 rows (a batched decode step) are therefore multiplied one at a time: each pass
+# reads the weights again, so float32 gains nothing from batching on the CPU (bfloat16 and the integer
+# formats do, and need no such care).
+ROW_BY_ROW_MAX_ROWS = 16
+
+
+def row_by_row(product, x: torch.Tensor) -> torch.Tensor:
+    """product(x) for a row-wise `product` of x [..., in], computed one row at a time where float32 on the
+    CPU would otherwise make a row's result depend on its neighbours."""
+    rows = x.reshape(-1, x.shape[-1])
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not 1 < rows.shape[0] <= ROW_BY_ROW_MAX_ROWS:
+        return product(x)
+    out = torch.cat([product(rows[i:i + 1]) for i in range(rows.shape[0])])
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 _ROWS_AT_ONCE = 16384  # quantize big matrices in slices of rows, so temporaries stay small
@@ -92,18 +110,28 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
-# One row (decode) runs all-integer (`_int8_matvec`); up to this many rows torch's weight-only int8 kernel
-# wins on CPU; beyond it, dequantizing to bfloat16 and a dense matmul does (15360x2560 on this CPU: 44 ms
-# each at 64 rows, 86 vs 58 ms at 128).
+# Up to this many rows (decode steps, short prefill chunks) one of torch's integer kernels runs (see
+# `int8_matmul`); beyond it, dequantizing to bfloat16 and a dense matmul wins (15360x2560 on a CPU with
+# VNNI: 44 ms each at 64 rows, 86 vs 58 ms at 128).
 INT8_KERNEL_MAX_ROWS = 64
 
 
-def _int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """One activation row times int8 weights, all in integers: the row is quantized to int8 with one scale
-    (as llama.cpp's quantized matmuls do), multiplied by torch._int_mm (VNNI on x86), and rescaled.
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI), on which torch._int_mm
+    is fast; without them it is several times slower than torch's bfloat16-activation int8 kernel."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            info = f.read(1 << 20)
+    except OSError:
+        return False
+    return any(flag in info.split() for flag in ("avx512_vnni", "avx_vnni"))
 
-    On this CPU it read 27 GB/s of weights against 18 GB/s for torch._weight_int8pack_mm (15360x2560);
-    the activation rounding adds about 1% relative error to each product."""
+
+def _int8_int_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Activation rows times int8 weights, all in integers: each row is quantized to int8 with one scale
+    (as llama.cpp's quantized matmuls do), multiplied by torch._int_mm (VNNI on x86), and rescaled. The
+    activation rounding adds about 1% relative error to each product."""
     xf = x.float()
     x_scale = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
     xq = torch.round(xf / x_scale).to(torch.int8)
@@ -121,15 +149,19 @@ def _triton_gemv():
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ (q * scale)^T without materialising the float weight when x has few rows."""
+    """x [..., in] @ (q * scale)^T without materialising the float weight when x has few rows.
+
+    On the CPU one kernel serves every row count up to INT8_KERNEL_MAX_ROWS, so a row's result does not
+    depend on how many rows are multiplied with it (conversations decoded together get what they get alone):
+    both kernels accumulate each row on its own, the integer one exactly."""
     rows = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and rows.shape[0] == 1:  # decode
-        out = _int8_matvec(rows, q, scale).to(x.dtype)
+    if x.device.type == "cpu" and rows.shape[0] <= INT8_KERNEL_MAX_ROWS and cpu_has_vnni():
+        out = _int8_int_mm(rows, q, scale).to(x.dtype)
+    elif (x.device.type == "cpu" and rows.shape[0] <= INT8_KERNEL_MAX_ROWS
+          and q.data_ptr() % 16 == 0):  # the kernel crashes on weights that are not 16-byte aligned
+        out = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), q, scale).to(x.dtype)
     elif x.device.type == "cuda" and rows.shape[0] == 1 and (kernels := _triton_gemv()) is not None:
         out = kernels.int8_gemv(rows, q, scale)
-    elif (x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows.shape[0] <= INT8_KERNEL_MAX_ROWS
-          and q.data_ptr() % 16 == 0):  # the kernel crashes on weights that are not 16-byte aligned
-        out = torch._weight_int8pack_mm(rows.contiguous(), q, scale)
     else:
         out = F.linear(rows, q.to(x.dtype)) * scale.to(x.dtype)
     return out.reshape(*x.shape[:-1], q.shape[0])

@@ -5,11 +5,9 @@ keeps the conversation."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import platformdirs
@@ -17,9 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 from rgchat import files, statefile
-from rgchat.chat import ChatSession, LoadedModel, ctrl_c_stops
+from rgchat import settings as settings_lib
+from rgchat.chat import ChatSession
 from rgchat.errors import RGChatError
-from rgchat.sampling import validate
+from rgchat.interrupt import ctrl_c_sets
+from rgchat.loader import LoadedModel
 
 try:  # line editing and history; absent on some platforms, where plain input() still works
     import readline
@@ -52,32 +52,22 @@ def history_path() -> Path:
     return Path(home) / "history" if home else Path(platformdirs.user_state_dir("rgchat")) / "history"
 
 
-@dataclasses.dataclass
-class Setting:
-    parse: Callable[[str], object]
-    get: Callable[[ChatSession], object]
-    put: Callable[[ChatSession, object], None]
+# What /set can change: every generation setting but the stop strings, and the system text.
+SETTINGS = (*(name for name in settings_lib.NAMES if name != "stop"), "system")
 
 
-def _sampler_setting(name: str) -> Setting:
-    kind = int if name == "top_k" else float
-    return Setting(lambda text: validate(name, kind(text)), lambda s: getattr(s.sampler, name),
-                   lambda s, v: setattr(s.sampler, name, v))
+def get_setting(session: ChatSession, name: str):
+    return session.system if name == "system" else getattr(session.settings, name)
 
 
-def _max_tokens(text: str) -> int:
-    if (value := int(text)) < 1:
-        raise ValueError("must be at least 1")
-    return value
-
-
-SETTINGS: dict[str, Setting] = {
-    **{name: _sampler_setting(name) for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")},
-    "seed": Setting(lambda t: None if t.lower() == "none" else validate("seed", int(t)),
-                    lambda s: s.sampler.seed, lambda s, v: s.sampler.reseed(v)),
-    "max_tokens": Setting(_max_tokens, lambda s: s.max_tokens, lambda s, v: setattr(s, "max_tokens", v)),
-    "system": Setting(lambda t: t or None, lambda s: s.system, lambda s, v: setattr(s, "system", v)),
-}
+def put_setting(session: ChatSession, name: str, text: str) -> None:
+    """Set `name` from what the user typed; ValueError says why a value is refused."""
+    if name == "system":
+        session.system = text or None
+    elif name == "seed":  # the random stream starts again from it, also when it is the same seed
+        session.sampler.reseed(settings_lib.parse(name, text))
+    else:
+        session.settings = session.settings.replace(**{name: settings_lib.parse(name, text)})
 
 
 class Repl:
@@ -167,11 +157,11 @@ class Repl:
 
     # --- output --------------------------------------------------------------------------------------------
 
-    def _stream(self, pieces) -> None:
+    def _stream(self, events) -> None:
         try:
-            with ctrl_c_stops(self.session), contextlib.closing(pieces):
-                for piece in pieces:
-                    sys.stdout.write(piece)
+            with ctrl_c_sets(self.session.cancel), contextlib.closing(events):
+                for event in events:
+                    sys.stdout.write(event.text)
                     sys.stdout.flush()
         finally:
             sys.stdout.write("\n")
@@ -180,7 +170,7 @@ class Repl:
         if stats.stop_reason == "interrupted":
             self._note("[stopped]" if stats.generated_tokens else "[question withdrawn]")
         elif stats.stop_reason == "max_tokens":
-            self._note(f"[cut at max_tokens = {self.session.max_tokens}]")
+            self._note(f"[cut at max_tokens = {self.session.settings.max_tokens}]")
         if self.verbose:
             self._note(stats.summary())
 
@@ -256,19 +246,18 @@ class Repl:
     def _set(self, arg: str) -> None:
         name, _, value = arg.partition(" ")
         if not name:
-            for key, setting in SETTINGS.items():
-                self._say(f"{key} = {setting.get(self.session)!r}")
+            for key in SETTINGS:
+                self._say(f"{key} = {get_setting(self.session, key)!r}")
             return
-        setting = SETTINGS.get(name)
-        if setting is None:
+        if name not in SETTINGS:
             self._say(f"unknown setting {name!r}; one of: {', '.join(SETTINGS)}")
             return
         try:
-            setting.put(self.session, setting.parse(value.strip()))
+            put_setting(self.session, name, value.strip())
         except ValueError as e:
             self._say(f"bad value for {name}: {e}")
             return
-        self._say(f"{name} = {setting.get(self.session)!r}")
+        self._say(f"{name} = {get_setting(self.session, name)!r}")
 
     def _show(self) -> None:
         session = self.session
@@ -278,7 +267,7 @@ class Repl:
                 ("position", f"{session.state.pos} tokens"),
                 ("turns", str(len(session.transcript))),
                 ("state size", f"{session.state.nbytes / 2**20:.2f} MiB (fixed, whatever the length)")]
-        rows += [(key, repr(setting.get(session))) for key, setting in SETTINGS.items()]
+        rows += [(key, repr(get_setting(session, key))) for key in SETTINGS]
         for label, value in rows:
             table.add_row(label, value)
         self.console.print(table)

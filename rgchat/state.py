@@ -57,6 +57,18 @@ class State:
                 ))
         return cls(layers)
 
+    @classmethod
+    def pool(cls, config: GriffinConfig, dtype: torch.dtype, device: torch.device | str, count: int) -> list[State]:
+        """`count` empty states whose tensors are the rows of shared [count, ...] buffers: one conversation
+        per row, laid out side by side for batched kernels, each still a State of its own."""
+        shapes = cls.empty(config, dtype, "meta")
+        buffers = [torch.zeros((count, *t.shape), dtype=t.dtype, device=device) for t in shapes.tensors()]
+        states = []
+        for i in range(count):
+            rows = iter(b[i] for b in buffers)
+            states.append(cls([_map(layer, lambda t: next(rows)) for layer in shapes.layers]))
+        return states
+
     @staticmethod
     def size_for(config: GriffinConfig, dtype: torch.dtype) -> int:
         """The bytes `empty(config, dtype)` allocates, computed without allocating."""

@@ -29,7 +29,7 @@ from rgchat.config import RECURRENT, GriffinConfig
 from rgchat.errors import RGChatError
 from rgchat.files import PRIVATE, lock, read_bounded, stamp, writable_target, write_atomically
 from rgchat.quant import dtype_of
-from rgchat.sampling import RANGES, validate
+from rgchat.settings import Settings
 from rgchat.state import AttentionLayerState, RecurrentLayerState, State
 
 FORMAT = "rgchat-state"
@@ -82,14 +82,10 @@ def save(path: str | Path, session: ChatSession, identity: dict) -> None:
     """Write the session's conversation to `path` atomically (see `files.atomic_writer`; a new file is 0600:
     it holds a private conversation)."""
     path = Path(path)
-    s = session.sampler
     tensors = state_tensors(session.state, session.model.config)
     tensors["transcript.ids"] = torch.tensor([t for turn in session.transcript for t in turn.ids], dtype=torch.int32)
-    tensors["sampler.rng"] = s.generator.get_state()
+    tensors["sampler.rng"] = session.sampler.generator.get_state()
     tensors["sampler.recent"] = torch.tensor(list(session.recent), dtype=torch.int32)
-    settings = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p,
-                "repeat_penalty": s.repeat_penalty, "seed": s.seed, "max_tokens": session.max_tokens,
-                "stop": list(session.stop)}
     metadata = {
         "format": FORMAT,
         "format_version": str(VERSION),
@@ -98,7 +94,7 @@ def save(path: str | Path, session: ChatSession, identity: dict) -> None:
         "template": "chat" if session.template else "raw",
         "system": json.dumps(session.system),
         "transcript": json.dumps([{"role": t.role, "text": t.text, "tokens": len(t.ids)} for t in session.transcript]),
-        "settings": json.dumps(settings),
+        "settings": json.dumps(session.settings.to_dict()),
         "rgchat_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -255,10 +251,10 @@ def resume(session: ChatSession, saved: SavedConversation, identity: dict, *, te
     if seed is not None and seed != saved.settings.get("seed"):
         sampler.reseed(seed)
     else:
-        try:
-            sampler.seed = validate("seed", saved.settings.get("seed"))
+        try:  # only the record of how the stream began (the stream itself was restored): no reseeding
+            sampler.settings = sampler.settings.replace(seed=saved.settings.get("seed"))
         except ValueError:
-            pass  # only the record of how the stream began; the stream itself was restored
+            pass
     if system is not None and system != saved.system:
         if any(turn.role == "user" for turn in saved.transcript):
             warn(f"rgchat: warning: --system is not used: the conversation in {saved.path} has begun, and the "
@@ -276,15 +272,9 @@ def replay(saved: SavedConversation, session: ChatSession, same_tokenizer: bool)
         session.recent.clear()
         session.recent.extend(saved.recent)
     _restore_rng(session, saved)
-    settings, sampler = saved.settings, session.sampler
-    try:
-        for key in RANGES:
-            setattr(sampler, key, validate(key, settings[key]))
-        max_tokens, stop = settings["max_tokens"], settings["stop"]
-        if not isinstance(max_tokens, int) or max_tokens < 1 or not all(isinstance(t, str) for t in stop):
-            raise ValueError("bad max_tokens or stop")
-        session.max_tokens, session.stop = max_tokens, tuple(stop)
-    except (KeyError, TypeError, ValueError):
+    try:  # the settings as they were, random stream included (restored above): no reseeding
+        session.sampler.settings = Settings.from_dict(saved.settings)
+    except (TypeError, ValueError):
         raise RGChatError(f"{saved.path}: inconsistent state file (bad settings)") from None
 
 

@@ -21,6 +21,7 @@ import platformdirs
 from rgchat.errors import RGChatError
 
 MODEL_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
 # A model file downloaded as is records the source its uploader converted it from; this file beside it says
 # where the entry's weights came from instead.
 ORIGIN_FILE = "origin"
@@ -83,11 +84,24 @@ def entry_for(stem: str, precision: str, key: str) -> str:
     return name(next(n for n in itertools.count(1) if not os.path.lexists(entry_path(name(n)))))
 
 
-def checkpoint_entry(ckpt, precision: str) -> Path:
-    """The model file in the store for the checkpoint `ckpt` (a `checkpoint.Checkpoint`) at `precision`."""
-    from rgchat.checkpoint import source_name
+def hub_stem(repo_id: str) -> str:
+    """The store-name stem of a Hub repo OWNER/REPO: REPO for Google's repos, OWNER--REPO for any other."""
+    owner, repo = repo_id.split("/")
+    return repo if owner == "google" else f"{owner}--{repo}"
 
-    return entry_path(entry_for(source_name(ckpt.path), precision, str(ckpt.path.resolve())))
+
+def source_name(path: Path) -> str:
+    """A checkpoint's name: its Hub repo's stem for a snapshot in a Hugging Face cache
+    (.../models--OWNER--REPO/snapshots/COMMIT[/FILE]), else its folder's name, or the .pt file's stem
+    ("2b-it" for 2b-it.pt)."""
+    folder = path.parent if path.is_file() else path
+    for snapshot in (folder, folder.resolve()):
+        repo_folder = snapshot.parent.parent
+        if snapshot.parent.name == "snapshots" and repo_folder.name.startswith("models--"):
+            owner, sep, repo = repo_folder.name[len("models--"):].partition("--")
+            if sep and owner and repo:
+                return hub_stem(f"{owner}/{repo}")
+    return path.stem if path.is_file() else path.name
 
 
 def _folder_size(folder: Path) -> int:
@@ -153,104 +167,3 @@ def find(model: str) -> Path:
     raise RGChatError(f"no model named {model!r} in {store_dir()} (see `rgchat list`)")
 
 
-def _up_to_date(target: Path, source: Path, log) -> bool:
-    """Whether the entry at `target` holds an intact conversion of `source` as it is now (its files' sizes and
-    mtimes as recorded; tensors verified, or remembered as verified since the file last changed)."""
-    from rgchat import modelfile
-    from rgchat.checkpoint import TOKENIZER_FILE
-
-    if not target.is_file():
-        return False
-    try:
-        mf = modelfile.open_file(target)
-        recorded = mf.source
-        folder = source.parent if source.is_file() else source
-        for name, info in recorded.get("files", {}).items():
-            st = (folder / name).stat()
-            if st.st_size != info["size"] or st.st_mtime_ns != info["mtime_ns"]:
-                return False
-        mf.verify()
-        tokenizer = target.parent / TOKENIZER_FILE
-        if modelfile.sha256_file(tokenizer) != mf.metadata.get("tokenizer_sha256"):
-            raise RGChatError(f"{tokenizer} is not the tokenizer it was converted with")
-    except RGChatError as e:
-        log(f"rgchat: {target.parent.name} is damaged ({e}); converting it again")
-        return False
-    except (OSError, KeyError, TypeError):
-        return False
-    return True
-
-
-def resolve(model: str, precision: str, log=print) -> Path:
-    """The model file to run for MODEL: a model file, a store name, a checkpoint that is converted into the
-    store at `precision` the first time it is met (and again if its files change or its entry is damaged),
-    or a Hub alias or hf:OWNER/REPO that is downloaded and converted the first time (no network after)."""
-    from rgchat import hub
-    from rgchat.checkpoint import Checkpoint, convert
-
-    path = Path(model).expanduser()
-    if (found := model_file(path)) is not None:
-        return found
-    if path.exists():
-        ckpt = Checkpoint(path)
-        target = checkpoint_entry(ckpt, precision)
-        if not _up_to_date(target, ckpt.path, log):
-            log(f"rgchat: converting {path} to {precision} into {target.parent} (once)")
-            convert(ckpt.path, precision, target, own_folder=True)
-        return target
-    remote = hub.parse(model)
-    if remote is not None:
-        return hub.pull(remote, precision, log=log)
-    if "/" in model or model.startswith("."):
-        raise RGChatError(f"{path}: no such file or directory")
-    if os.path.lexists(entry_path(model)):
-        return entry_path(model)
-    raise RGChatError(f"no model {model!r}: not a path, not in the store {store_dir()} (see `rgchat list`), and "
-                      f"not a Hub alias ({', '.join(hub.ALIASES)}) or hf:OWNER/REPO")
-
-
-def show_lines(model: str) -> list[tuple[str, str]]:
-    """What `rgchat show` prints: identity, config, precision, sizes, and the state a conversation needs."""
-    import torch
-
-    from rgchat import modelfile
-    from rgchat.quant import dtype_of
-    from rgchat.state import State
-
-    path = find(model)
-    mf = modelfile.open_file(path)
-    config = mf.config
-    state_bytes = State.size_for(config, dtype_of(mf.precision))
-    params = sum(torch.Size(e["shape"]).numel() for e in mf.entries.values())
-    source = mf.source
-    return [
-        ("name", mf.metadata.get("name", "?")),
-        ("file", str(path)),
-        ("precision", mf.precision),
-        ("size on disk", f"{path.stat().st_size:,} bytes"),
-        ("stored values", f"{params:,}"),
-        ("config", json.dumps(config.to_dict())),
-        ("layers", f"{config.num_layers} ({config.block_types.count('recurrent')} recurrent, "
-                   f"{config.block_types.count('attention')} attention)"),
-        ("state size", f"{state_bytes:,} bytes at any length"),
-        ("source", f"{source.get('path', '?')} ({source.get('kind', '?')})"),
-        ("tokenizer sha256", mf.metadata.get("tokenizer_sha256", "?")),
-        ("written by", f"rgchat {mf.metadata.get('rgchat_version', '?')}, format {mf.metadata['format_version']}"),
-    ]
-
-
-def verify(model: str) -> list[tuple[str, str]]:
-    """Hash every tensor of MODEL and its tokenizer against the checksums recorded at conversion, whatever
-    the `.verified` stamp says; raises on the first mismatch."""
-    from rgchat import modelfile
-    from rgchat.checkpoint import TOKENIZER_FILE
-
-    path = find(model)
-    mf = modelfile.open_file(path)
-    mf.verify(force=True)
-    tokenizer = path.parent / TOKENIZER_FILE
-    recorded = mf.metadata.get("tokenizer_sha256")
-    if recorded and modelfile.sha256_file(tokenizer) != recorded:
-        raise RGChatError(f"{tokenizer}: not the tokenizer {path} was converted with (checksum differs)")
-    return [("file", str(path)), ("tensors", f"{len(mf.entries)} match their sha256"),
-            ("tokenizer", "matches its sha256" if recorded else "no checksum recorded")]

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from rgchat.config import ATTENTION, RECURRENT, GriffinConfig
-from rgchat.model import Griffin, init_random_
+from rgchat.bench.random_weights import init_random_
+from rgchat.model import Griffin
 
 # Several R,R,A cycles, 4 RG-LRU gate blocks.
 CYCLES = GriffinConfig(vocab_size=512, width=64, mlp_width=96, lru_width=64, num_heads=4, num_kv_heads=1,
@@ -43,6 +44,25 @@ def greedy_tokens(model: Griffin, prompt: list[int], n: int, stop_ids: set[int] 
             break
         logits = model.step(out[-1], state)
     return out
+
+
+def leave_after(events, k: int, how: str, cancel) -> None:
+    """Read an answer's events as a consumer that leaves after k tokens: by breaking out of its loop
+    ("close"), by failing inside it ("exception"), or by setting the answer's `cancel` flag ("cancel")."""
+    import contextlib
+
+    from rgchat.generate import Token
+
+    tokens = 0
+    with contextlib.suppress(RuntimeError), contextlib.closing(events):
+        for event in events:
+            tokens += isinstance(event, Token)
+            if tokens == k:
+                if how == "close":
+                    break
+                if how == "exception":
+                    raise RuntimeError("the consumer failed")
+                cancel.set()
 
 
 def run_cli(*args: str, stdin: str | bytes = "") -> subprocess.CompletedProcess:
@@ -194,6 +214,6 @@ def write_official(model: Griffin, folder: Path, tokenizer: Path, name: str = "2
 def transformers_model(model: Griffin, window: int | None = None):
     """transformers' RecurrentGemmaForCausalLM holding the same weights (float32), for comparisons."""
     pytest.importorskip("transformers")
-    from rgchat.compare import hf_model
+    from rgchat.bench.compare import hf_model
 
     return hf_model(model.state_dict(), model.config, torch.float32, "cpu", window)

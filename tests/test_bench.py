@@ -6,14 +6,22 @@ from typer.testing import CliRunner
 
 from conftest import CYCLES
 from rgchat import config as config_lib
-from rgchat.bench import drift, measure_bandwidth, plot, run_bench
+from rgchat.bench import measure_bandwidth, run_bench
+from rgchat.bench.memory import drift
+from rgchat.bench.plot import plot
 from rgchat.cli import app
+from rgchat.errors import RGChatError
 
 
 @pytest.fixture
 def tiny_preset(monkeypatch):
-    """Register the tiny config as a preset so the real bench code runs in seconds."""
+    """Register the tiny config as a preset so the real bench code runs in seconds (and read bandwidth over
+    64 MiB rather than 1 GiB: these tests check how the figures fit together, not the machine)."""
+    import rgchat.bench
+
     monkeypatch.setitem(config_lib.PRESETS, "2b", CYCLES)
+    measure = rgchat.bench.measure_bandwidth
+    monkeypatch.setattr(rgchat.bench, "measure_bandwidth", lambda device: measure(device, nbytes=64 << 20))
 
 
 def test_bench_reports_consistent_figures(tiny_preset):
@@ -27,13 +35,23 @@ def test_bench_reports_consistent_figures(tiny_preset):
     assert result["peak_rss_bytes"] > 0
 
 
-def test_bench_json_is_one_line_on_stdout(tiny_preset):
-    out = CliRunner().invoke(app, ["bench", "--shape", "2b", "--prompt-tokens", "8", "--gen-tokens", "2", "--json"])
+def test_bench_json_is_a_line_per_run_on_stdout_and_batch_counts_every_conversation(tiny_preset, tmp_path):
+    out = CliRunner().invoke(app, ["bench", "--shape", "2b", "--prompt-tokens", "8", "--gen-tokens", "2", "--json",
+                                   "--batch", "1", "--batch", "3", "--plot", str(tmp_path / "batch.png")])
     assert out.exit_code == 0, out.output
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 1
-    data = json.loads(lines[0])
-    assert data["precision"] == "bf16" and data["device"] == "cpu"
+    assert len(lines) == 2 and json.loads(lines[0])["batch"] == 1
+    assert (tmp_path / "batch.png").read_bytes().startswith(b"\x89PNG")
+    data = json.loads(lines[1])
+    assert data["precision"] == "bf16" and data["device"] == "cpu" and data["batch"] == 3
+    assert data["decode_tok_s"] == pytest.approx(3 * data["per_conversation_decode_tok_s"], rel=1e-2)
+    assert data["fraction_of_limit"] == pytest.approx(data["per_conversation_decode_tok_s"] / data["limit_tok_s"],
+                                                      rel=1e-2, abs=1e-4)  # rounded to 4 decimals
+
+
+def test_batch_is_refused_with_the_single_conversation_measurements():
+    with pytest.raises(RGChatError, match="--batch"):
+        run_bench("2b", "bf16", torch.device("cpu"), 8, 2, batch=2, compare_hf=True)
 
 
 def test_bandwidth_is_plausible():

@@ -4,9 +4,10 @@ and /undo, /regen, stop strings and Ctrl-C leave the state exactly where they sh
 import pytest
 import torch
 
-from conftest import CYCLES, greedy_tokens, tiny_model
-from rgchat.chat import ChatSession, StopText
-from rgchat.sampling import Sampler
+from conftest import CYCLES, greedy_tokens, leave_after, tiny_model
+from rgchat.chat import ChatSession
+from rgchat.generate import Finish, Token, text
+from rgchat.settings import Settings
 from rgchat.tokenizer import Tokenizer
 
 
@@ -15,21 +16,18 @@ def model():
     return tiny_model(CYCLES, seed=31)
 
 
-def session(model, tokenizer_path, template=True, **kwargs) -> ChatSession:
-    kwargs.setdefault("max_tokens", 12)
-    return ChatSession(model, Tokenizer(tokenizer_path), Sampler(temperature=0), template=template, **kwargs)
+def session(model, tokenizer_path, template=True, system=None, **settings) -> ChatSession:
+    settings = {"temperature": 0, "max_tokens": 12, **settings}
+    return ChatSession(model, Tokenizer(tokenizer_path), Settings(**settings), template=template,
+                       system=system)
 
 
 def record_fed_tokens(s: ChatSession) -> list[int]:
-    """Every token id that reaches the model, in order (prefills and steps)."""
+    """Every token id that reaches the model, in order (prefill chunks and decode steps)."""
     fed: list[int] = []
-    prefill, step = s.model.prefill, s.model.step
-    s.model = type("Recorder", (), {
-        "prefill": lambda self, tokens, state: (fed.extend(tokens.tolist()), prefill(tokens, state))[1],
-        "step": lambda self, token, state: (fed.append(token), step(token, state))[1],
-        "device": s.model.device,
-        "prefill_chunk": s.model.prefill_chunk,
-    })()
+    prefill, decode = s.engine.prefill, s.engine.decode
+    s.engine.prefill = lambda slot, ids: (fed.extend(ids), prefill(slot, ids))[1]
+    s.engine.decode = lambda slots, tokens: (fed.extend(tokens), decode(slots, tokens))[1]
     return fed
 
 
@@ -41,7 +39,7 @@ def test_turns_prefill_only_their_tokens_and_equal_one_pass(model, tokenizer_pat
     s = session(model, tokenizer_path, system="Be brief.")
     fed = record_fed_tokens(s)
     tok = s.tokenizer
-    answers = ["".join(s.ask(q)) for q in ("Hello there", "The quick brown fox", "And then?")]
+    answers = [text(s.ask(q)) for q in ("Hello there", "The quick brown fox", "And then?")]
     assert len(s.transcript) == 6 and [t.role for t in s.transcript] == ["user", "model"] * 3
     assert [t.text for t in s.transcript[1::2]] == answers
     assert any(a.strip() for a in answers)
@@ -59,14 +57,14 @@ def test_turns_prefill_only_their_tokens_and_equal_one_pass(model, tokenizer_pat
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     follow_up = s.tokenizer.chat_prompt("Again")
     expected = greedy_tokens(model, fed + follow_up, 12, set(s.stop_ids))
-    got = "".join(s.ask("Again"))
+    got = text(s.ask("Again"))
     assert got == tok.decode([t for t in expected if t not in s.stop_ids])
 
 
 def test_an_answer_cut_by_max_tokens_is_still_closed(model, tokenizer_path):
     s = session(model, tokenizer_path, max_tokens=3)
     fed = record_fed_tokens(s)
-    "".join(s.ask("Hello there"))
+    text(s.ask("Hello there"))
     assert s.stats.stop_reason == "max_tokens" and s.stats.generated_tokens == 3
     tok = s.tokenizer
     assert fed[-1 - len(tok.encode("\n")):] == [tok.end_of_turn_id, *tok.encode("\n")]
@@ -75,61 +73,50 @@ def test_an_answer_cut_by_max_tokens_is_still_closed(model, tokenizer_path):
 
 def test_undo_and_regen_restore_the_state(model, tokenizer_path):
     s = session(model, tokenizer_path)
-    first = "".join(s.ask("Hello there"))
+    first = text(s.ask("Hello there"))
     before = s.state.clone()
-    second = "".join(s.ask("The quick brown fox"))
+    second = text(s.ask("The quick brown fox"))
     assert s.state.pos > before.pos
     s.undo()
     assert states_equal(s.state, before) and len(s.transcript) == 2
     with pytest.raises(ValueError):
         s.undo()  # one snapshot only
-    assert "".join(s.ask("The quick brown fox")) == second  # greedy: same state, same answer
-    assert "".join(s.regen()) == second
+    assert text(s.ask("The quick brown fox")) == second  # greedy: same state, same answer
+    assert text(s.regen()) == second
     assert len(s.transcript) == 4 and s.transcript[2].text == "The quick brown fox"
     s.clear()
     assert s.state.pos == 0 and not s.transcript
-    assert "".join(s.ask("Hello there")) == first
+    assert text(s.ask("Hello there")) == first
 
 
 def test_raw_mode_continues_plain_text(model, tokenizer_path):
     s = session(model, tokenizer_path, template=False, max_tokens=10)
     tok = s.tokenizer
-    out = "".join(s.ask("The quick brown"))
+    out = text(s.ask("The quick brown"))
     expected = greedy_tokens(model, [tok.bos_id] + tok.encode("The quick brown"), 10, {tok.eos_id})
     assert out == tok.decode([t for t in expected if t != tok.eos_id])
     assert tok.end_of_turn_id not in s.stop_ids
 
 
 def test_stop_string_ends_the_answer_before_it(model, tokenizer_path):
-    full = "".join(session(model, tokenizer_path, max_tokens=20).ask("Hello there"))
+    full = text(session(model, tokenizer_path, max_tokens=20).ask("Hello there"))
     assert len(full) > 6
     stop = full[3:5]
     s = session(model, tokenizer_path, max_tokens=20, stop=(stop,))
-    out = "".join(s.ask("Hello there"))
+    out = text(s.ask("Hello there"))
     assert out == full[:full.index(stop)]
     assert s.stats.stop_reason == "stop_string"
-
-
-def test_stop_text_holds_back_possible_starts():
-    st = StopText(("END", "##"))
-    assert st.add("hello E") == ("hello ", False)
-    assert st.add("N") == ("", False)
-    assert st.add("D and more") == ("", True)
-    st = StopText(("END",))
-    assert st.add("hello EN") == ("hello ", False)
-    assert st.add("x") == ("ENx", False)
-    assert st.add("E") == ("", False) and st.flush() == "E"
 
 
 def test_interrupt_stops_after_the_current_token_and_keeps_the_answer(model, tokenizer_path):
     s = session(model, tokenizer_path, max_tokens=50)
     fed = record_fed_tokens(s)
     pieces = []
-    for piece in s.ask("Hello there"):
-        pieces.append(piece)
+    for event in s.ask("Hello there"):
+        pieces.append(event.text)
         if len(pieces) == 3:
-            s.interrupted = True  # what the Ctrl-C handler does
-    assert s.stats.stop_reason == "interrupted"
+            s.cancel.set()  # what the Ctrl-C handler does
+    assert s.stats.stop_reason == "interrupted" and isinstance(event, Finish) and event.reason == "cancelled"
     assert s.stats.generated_tokens < 50
     assert s.transcript[-1].text.startswith("".join(pieces[:3]))
     # every shown token reached the state, and the turn was closed after them
@@ -141,58 +128,83 @@ def test_interrupt_stops_after_the_current_token_and_keeps_the_answer(model, tok
 
 def test_interrupt_during_prefill_withdraws_the_question(model, tokenizer_path):
     s = session(model, tokenizer_path)
-    "".join(s.ask("Hello there"))
+    text(s.ask("Hello there"))
     before = s.state.clone()
-    prefill = s.model.prefill
+    prefill = s.engine.prefill
 
-    class Interrupting:
-        device, prefill_chunk = s.model.device, s.model.prefill_chunk
+    def interrupting(slot, ids):
+        s.cancel.set()
+        return prefill(slot, ids)
 
-        def prefill(self, tokens, state):
-            s.interrupted = True
-            return prefill(tokens, state)
-
-    s.model = Interrupting()
-    assert "".join(s.ask("A question")) == ""
+    s.engine.prefill = interrupting
+    assert text(s.ask("A question")) == ""
     assert s.stats.stop_reason == "interrupted"
     assert states_equal(s.state, before) and len(s.transcript) == 2
 
 
 def test_a_failed_turn_is_withdrawn(model, tokenizer_path):
-    """An exception in the middle of an answer, or a consumer that stops reading, leaves the conversation
-    exactly as before the question, and nothing is saved for it."""
+    """An error in the engine in the middle of an answer, or an exception the consumer throws in (it could
+    not deliver the answer), leaves the conversation exactly as before the question, and nothing is saved."""
     s = session(model, tokenizer_path)
-    "".join(s.ask("Hello there"))
+    text(s.ask("Hello there"))
     before, transcript = s.state.clone(), list(s.transcript)
     saves = []
     s.on_change = saves.append
-    step, calls = s.model.step, []
+    decode, calls = s.engine.decode, []
 
-    def failing_step(token, state):
-        calls.append(token)
+    def failing_decode(slots, tokens):
+        calls.append(tokens)
         if len(calls) == 3:
             raise MemoryError("out of memory")
-        return step(token, state)
+        return decode(slots, tokens)
 
-    s.model.step = failing_step
+    s.engine.decode = failing_decode
     try:
         with pytest.raises(MemoryError):
-            "".join(s.ask("The quick brown fox"))
+            text(s.ask("The quick brown fox"))
     finally:
-        del s.model.step
+        del s.engine.decode
     assert len(calls) == 3 and states_equal(s.state, before) and s.transcript == transcript and saves == []
 
-    pieces = s.ask("The quick brown fox")
-    next(pieces)
-    pieces.close()  # the reader went away after one piece
+    events = s.ask("The quick brown fox")
+    assert isinstance(next(events), Token)
+    with pytest.raises(OSError):
+        events.throw(OSError("disk full"))  # the answer could not be written anywhere
     assert states_equal(s.state, before) and s.transcript == transcript and saves == []
-    answer = "".join(s.ask("The quick brown fox"))  # and the conversation goes on as if neither happened
+    answer = text(s.ask("The quick brown fox"))  # and the conversation goes on as if neither happened
     assert saves == [s] and s.transcript[-1].text == answer
+
+
+@pytest.mark.parametrize("how", ["close", "exception", "cancel"])
+def test_leaving_an_answer_after_k_tokens_equals_capping_it_at_k(model, tokenizer_path, tmp_path, how):
+    """However the consumer stops, the conversation is kept closed after the shown tokens: its next turn and
+    its state file are those of an answer capped at that many tokens."""
+    from rgchat import statefile
+
+    k, identity = 3, {"name": "tiny", "config": model.config.to_dict(), "precision": "f32"}
+    sampled = dict(temperature=1.0, seed=9, max_tokens=40)
+    capped = session(model, tokenizer_path, **{**sampled, "max_tokens": k})
+    text(capped.ask("Hello there"))
+    capped.settings = capped.settings.replace(max_tokens=40)
+    s = session(model, tokenizer_path, **sampled)
+    saves = []
+    s.on_change = saves.append
+    leave_after(s.ask("Hello there"), k, how, s.cancel)
+    assert saves == [s] and s.stats.stop_reason == "interrupted" and capped.stats.stop_reason == "max_tokens"
+    assert states_equal(s.state, capped.state) and s.transcript == capped.transcript
+    files = []
+    for name, conversation in (("stopped", s), ("capped", capped)):
+        statefile.save(tmp_path / name, conversation, identity)
+        files.append(statefile.load(tmp_path / name))
+    a, b = files
+    assert (a.transcript, a.recent, a.settings) == (b.transcript, b.recent, b.settings)
+    assert torch.equal(a.rng, b.rng) and states_equal(a.state, b.state)
+    assert text(s.ask("And then?")) == text(capped.ask("And then?"))
 
 
 def test_clear_can_be_undone_until_the_next_turn(model, tokenizer_path):
     s = session(model, tokenizer_path)
-    "".join(s.ask("Hello there"))
+    text(s.ask("Hello there"))
     before, transcript = s.state.clone(), list(s.transcript)
     saves = []
     s.on_change = saves.append
@@ -203,6 +215,6 @@ def test_clear_can_be_undone_until_the_next_turn(model, tokenizer_path):
     s.undo()
     assert states_equal(s.state, before) and s.transcript == transcript and saves == [s]
     s.clear()
-    "".join(s.ask("And then?"))  # a turn after /clear: the old conversation is gone for good
+    text(s.ask("And then?"))  # a turn after /clear: the old conversation is gone for good
     s.undo()
     assert s.state.pos == 0 and s.transcript == []

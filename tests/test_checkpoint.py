@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import BLOCKS, CYCLES, official_state_dict, tiny_model, write_hf_folder, write_official
-from rgchat.checkpoint import Checkpoint, convert, load_file
+from rgchat.checkpoint import Checkpoint, convert
+from rgchat.loader import load_file
 from rgchat.config import from_hf_shapes
 from rgchat.errors import RGChatError
 

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from conftest import CYCLES, tiny_model, write_hf_folder, write_official
 from rgchat import modelfile
-from rgchat.checkpoint import convert, load_file
+from rgchat.checkpoint import convert
+from rgchat.loader import load_file
 from rgchat.errors import RGChatError
 from rgchat.quant import Int8Linear
 

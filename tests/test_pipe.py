@@ -17,7 +17,8 @@ from rgchat.chat import ChatSession
 from rgchat.cli import app
 from rgchat.checkpoint import convert
 from rgchat.errors import RGChatError, UsageError
-from rgchat.sampling import Sampler
+from rgchat.generate import text
+from rgchat.settings import Settings
 from rgchat.tokenizer import Tokenizer
 
 MODEL_SEED = 31
@@ -31,11 +32,11 @@ def it_file(tmp_path_factory, tokenizer_path):
     return convert(folder, "f32", tmp_path_factory.mktemp("f") / "tiny-it.safetensors")
 
 
-def answers(tokenizer_path, questions, template=True, max_tokens=12, **kwargs):
+def answers(tokenizer_path, questions, template=True, max_tokens=12, system=None, **settings):
     """What a greedy in-process session answers, turn after turn."""
-    s = ChatSession(tiny_model(CYCLES, seed=MODEL_SEED), Tokenizer(tokenizer_path), Sampler(temperature=0),
-                    template=template, max_tokens=max_tokens, **kwargs)
-    return ["".join(s.ask(q)) for q in questions]
+    s = ChatSession(tiny_model(CYCLES, seed=MODEL_SEED), Tokenizer(tokenizer_path),
+                    Settings(temperature=0, max_tokens=max_tokens, **settings), template=template, system=system)
+    return [text(s.ask(q)) for q in questions]
 
 
 GREEDY = ("--temperature", "0", "--max-tokens", "12")
@@ -212,11 +213,11 @@ def test_full_stdout_withdraws_the_turn_and_a_new_seed_restarts_the_stream(it_fi
 
     def expected(reseed: bool) -> str:
         s = ChatSession(tiny_model(CYCLES, seed=MODEL_SEED), Tokenizer(tokenizer_path),
-                        Sampler(temperature=1, seed=7), template=True, max_tokens=8)
+                        Settings(temperature=1, seed=7, max_tokens=8), template=True)
         statefile.restore(s, statefile.load(state))
         if reseed:
             s.sampler.reseed(7)
-        return "".join(s.ask("And then?"))
+        return text(s.ask("And then?"))
 
     want = expected(True)
     assert want != expected(False)  # continuing the saved stream would show

@@ -13,7 +13,8 @@ from rgchat import statefile
 from rgchat.chat import ChatSession
 from rgchat.checkpoint import convert
 from rgchat.repl import history_path
-from rgchat.sampling import Sampler
+from rgchat.generate import text
+from rgchat.settings import Settings
 from rgchat.tokenizer import Tokenizer
 
 MODEL_SEED = 31
@@ -29,11 +30,11 @@ def it_file(tmp_path_factory, tokenizer_path):
 
 def greedy_answers(tokenizer_path, questions, undo_after=None):
     """Answers of an in-process greedy session (12 tokens), optionally undoing after question `undo_after`."""
-    s = ChatSession(tiny_model(CYCLES, seed=MODEL_SEED), Tokenizer(tokenizer_path), Sampler(temperature=0),
-                    template=True, max_tokens=12)
+    s = ChatSession(tiny_model(CYCLES, seed=MODEL_SEED), Tokenizer(tokenizer_path),
+                    Settings(temperature=0, max_tokens=12), template=True)
     out = []
     for i, q in enumerate(questions):
-        out.append("".join(s.ask(q)))
+        out.append(text(s.ask(q)))
         if i == undo_after:
             s.undo()
     return out

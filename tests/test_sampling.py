@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rgchat.sampling import RANGES, Sampler, validate
+from rgchat.sampling import Sampler
+from rgchat.settings import INTEGERS, RANGES, validate
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0])
 
@@ -72,7 +73,7 @@ def test_no_accepted_setting_crashes_sampling(values, logits, recent):
     """A value is either refused with a ValueError naming the setting, or sampling with it always works."""
     accepted = {}
     for name, value in values.items():
-        if name in ("top_k", "seed"):
+        if name in INTEGERS:
             value = int(value) if isinstance(value, float) and math.isfinite(value) else value
         try:
             accepted[name] = validate(name, value)

@@ -7,11 +7,25 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+from typer.testing import CliRunner
 
 from conftest import CYCLES, run_cli, tiny_model, write_hf_folder
-from rgchat import checkpoint, modelfile, store
+from rgchat import checkpoint, loader, modelfile, store
+from rgchat.cli import app
 from rgchat.errors import RGChatError
-from rgchat.store import list_entries, remove, resolve, show_lines, store_dir
+from rgchat.loader import resolve
+from rgchat.store import list_entries, remove, store_dir
+
+
+def verify(model: str) -> list[tuple[str, str]]:
+    return loader.verify(store.find(model))
+
+
+def show_lines(model: str) -> list[tuple[str, str]]:
+    """What `rgchat show MODEL` prints, as (label, value) pairs."""
+    out = CliRunner().invoke(app, ["show", model])
+    assert out.exit_code == 0, out.output
+    return [tuple(line.split(": ", 1)) for line in out.stdout.splitlines()]
 
 
 def test_store_dir_honours_rgchat_home(monkeypatch, tmp_path):
@@ -48,16 +62,7 @@ def test_checkpoint_is_converted_once_then_found_by_name(tmp_path, tokenizer_pat
     assert list_entries() == []
 
 
-def test_unknown_models_are_refused(tmp_path):
-    with pytest.raises(RGChatError, match="not in the store"):
-        resolve("nothing-here", "int8")
-    with pytest.raises(RGChatError, match="no such file"):
-        resolve(str(tmp_path / "missing"), "int8")
-    with pytest.raises(RGChatError, match="no model named"):
-        remove("nothing-here")
-
-
-# --- helpers -----------------------------------------------------------------------------------------------
+# --- helpers (test_loader.py uses them too) ----------------------------------------------------------------
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -165,28 +170,11 @@ def test_same_folder_names_get_their_own_entries(tmp_path, tokenizer_path):
     assert {p: sha(p) for p in (path_a, path_b)} == shas
     assert [(e.name, e.source) for e in list_entries()] == [
         ("tiny-it-2-int8", str(b.resolve())), ("tiny-it-int8", str(a.resolve()))]
-    assert [line for line in store.verify("tiny-it-2-int8") if line[0] == "tokenizer"] == [
+    assert [line for line in verify("tiny-it-2-int8") if line[0] == "tokenizer"] == [
         ("tokenizer", "matches its sha256")]
 
 
-def test_a_replaced_tokenizer_is_noticed(tmp_path, tokenizer_path):
-    source = write_hf_folder(tiny_model(CYCLES, seed=73), tmp_path / "tiny-it", tokenizer_path)
-    said = []
-    path = resolve(str(source), "int8", log=said.append)
-    tokenizer = source / "tokenizer.model"
-    before = tokenizer.stat().st_mtime_ns
-    other_tokenizer(tokenizer_path, tokenizer)
-    os.utime(tokenizer, ns=(before + 10**9, before + 10**9))
-    assert resolve(str(source), "int8", log=said.append) == path
-    assert converting(said) == 2
-    assert (path.parent / "tokenizer.model").read_bytes() == tokenizer.read_bytes() != tokenizer_path.read_bytes()
-    assert modelfile.read_metadata(path)["tokenizer_sha256"] == sha(tokenizer)
-    store.verify("tiny-it-int8")  # the pair matches
-    assert resolve(str(source), "int8", log=said.append) == path and converting(said) == 2
-
-
 def test_a_hugging_face_cache_snapshot_is_named_after_its_repo(tmp_path, tokenizer_path):
-    from rgchat import chat
 
     snapshot = tmp_path / "hub" / "models--google--recurrentgemma-2b-it" / "snapshots" / "0123abcd"
     write_hf_folder(tiny_model(CYCLES, seed=74), snapshot, tokenizer_path)
@@ -195,7 +183,7 @@ def test_a_hugging_face_cache_snapshot_is_named_after_its_repo(tmp_path, tokeniz
     assert path == store_dir() / "recurrentgemma-2b-it-int8" / "model.safetensors"
     assert not (store_dir() / "0123abcd-int8").exists()
     assert modelfile.read_metadata(path)["name"] == "recurrentgemma-2b-it"
-    loaded = chat.load(str(snapshot), "int8", torch.device("cpu"), log=said.append)
+    loaded = loader.load(str(snapshot), "int8", torch.device("cpu"), log=said.append)
     assert loaded.name == "recurrentgemma-2b-it" and loaded.instruction_tuned
     assert converting(said) == 1  # loading found the entry made above
 
@@ -214,61 +202,6 @@ def test_removing_one_entry_does_not_duplicate_the_other(tmp_path, tokenizer_pat
 
 
 # --- damage ------------------------------------------------------------------------------------------------
-
-def test_a_damaged_entry_is_converted_again(tmp_path, tokenizer_path):
-    source = write_hf_folder(tiny_model(CYCLES, seed=75), tmp_path / "tiny", tokenizer_path)
-    said = []
-    path = resolve(str(source), "int8", log=said.append)
-    good = path.read_bytes()
-    checkpoint.load_file(path)  # verified once: FILE.verified remembers it
-    assert (path.parent / "model.safetensors.verified").is_file()
-    flip_byte(path, keep_mtime=False)
-    assert path.read_bytes() != good
-    assert resolve(str(source), "int8", log=said.append) == path
-    damaged = [line for line in said if " is damaged (" in line]
-    assert len(damaged) == 1 and "tiny-int8 is damaged" in damaged[0] and "fails its checksum" in damaged[0]
-    assert converting(said) == 2
-    assert path.read_bytes() == good
-    modelfile.open_file(path).verify(force=True)
-    assert resolve(str(source), "int8", log=said.append) == path and len(said) == 3
-
-
-def test_verify_finds_damage_that_loading_skips(tmp_path, tokenizer_path):
-    source = write_hf_folder(tiny_model(CYCLES, seed=76), tmp_path / "tiny", tokenizer_path)
-    path = resolve(str(source), "int8", log=lambda line: None)
-    lines = dict(store.verify("tiny-int8"))
-    n = len(modelfile.open_file(path).entries)
-    assert lines == {"file": str(path), "tensors": f"{n} match their sha256", "tokenizer": "matches its sha256"}
-    assert store.verify(str(path.parent)) == store.verify(str(path)) == store.verify("tiny-int8")
-    checkpoint.load_file(path)
-
-    flip_byte(path, keep_mtime=True)  # bit rot: same size, inode and mtime
-    checkpoint.load_file(path)  # the fast path trusts FILE.verified
-    with pytest.raises(RGChatError, match="fails its checksum"):
-        store.verify("tiny-int8")
-    with pytest.raises(RGChatError, match="fails its checksum"):
-        modelfile.open_file(path).verify(force=True)
-    assert_clean_error(run_cli("verify", "tiny-int8"), "fails its checksum", str(path))
-
-
-def test_verify_notices_a_swapped_tokenizer(tmp_path, tokenizer_path):
-    source = write_hf_folder(tiny_model(CYCLES, seed=85), tmp_path / "tiny", tokenizer_path)
-    path = resolve(str(source), "int8", log=lambda line: None)
-    other_tokenizer(tokenizer_path, path.parent / "tokenizer.model")
-    with pytest.raises(RGChatError, match="not the tokenizer .* was converted with"):
-        store.verify("tiny-int8")
-
-
-def test_an_entry_with_the_wrong_tokenizer_is_converted_again(tmp_path, tokenizer_path):
-    source = write_hf_folder(tiny_model(CYCLES, seed=88), tmp_path / "tiny", tokenizer_path)
-    said = []
-    path = resolve(str(source), "int8", log=said.append)
-    other_tokenizer(tokenizer_path, path.parent / "tokenizer.model")
-    assert resolve(str(source), "int8", log=said.append) == path
-    assert converting(said) == 2
-    assert sha(path.parent / "tokenizer.model") == sha(tokenizer_path)
-    store.verify("tiny-int8")
-
 
 def test_damaged_entries_are_listed_as_damaged(tmp_path, tokenizer_path):
     source = write_hf_folder(tiny_model(CYCLES, seed=77), tmp_path / "tiny", tokenizer_path)
@@ -321,8 +254,8 @@ def test_show_takes_a_store_folder_like_run(tmp_path, tokenizer_path):
     by_name = show_lines("tiny-int8")
     assert show_lines(str(path.parent)) == by_name == show_lines(str(path))
     assert dict(by_name)["file"] == str(path)
-    with pytest.raises(RGChatError, match="not an rgchat model file or store folder"):
-        show_lines(str(source))  # a checkpoint is not shown, it is converted
+    out = CliRunner().invoke(app, ["show", str(source)])  # a checkpoint is not shown, it is converted
+    assert out.exit_code == 1 and "not an rgchat model file or store folder" in out.output
 
 
 def test_a_folder_where_the_model_file_should_be(tmp_path, tokenizer_path):

@@ -12,7 +12,9 @@ import torch
 from rgchat.config import GriffinConfig
 from rgchat.device import peak_rss_bytes, reset_peak_rss, synchronize
 from rgchat.errors import RGChatError
-from rgchat.model import Griffin, random_tensors
+from rgchat.bench.memory import checkpoints, memory_record
+from rgchat.bench.random_weights import random_tensors
+from rgchat.model import Griffin
 
 
 def _transformers():
@@ -95,7 +97,6 @@ def bench_hf(config: GriffinConfig, dtype: torch.dtype, device: torch.device, pr
 def _long_hf(hf, ids: torch.Tensor, n: int, device: torch.device) -> list[dict]:
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from rgchat.bench import checkpoints, memory_record
 
     marks = checkpoints(n)
     records: list[dict] = []

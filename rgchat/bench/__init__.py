@@ -3,21 +3,20 @@ memory-bandwidth limit measured in the same run. Needs no download."""
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from rgchat import __version__, modelfile
 from rgchat import config as config_lib
-from rgchat.compare import bench_hf
-from rgchat.device import peak_rss_bytes, process_age_s, reset_peak_rss, rss_bytes, synchronize
+from rgchat.bench.compare import bench_hf
+from rgchat.bench.memory import checkpoints, drift, memory_record
+from rgchat.bench.random_weights import random_model
+from rgchat.device import peak_rss_bytes, process_age_s, reset_peak_rss, synchronize
+from rgchat.engine import Engine
 from rgchat.errors import RGChatError
-from rgchat.files import write_atomically
-from rgchat.model import Griffin, random_tensors, ready_for_device_
-from rgchat.quant import convert_tensor, dtype_of, quantizable_weights, swap_modules_
+from rgchat.model import Griffin
+from rgchat.quant import dtype_of
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -34,73 +33,25 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int 
     return nbytes / best / 1e9
 
 
-def random_weights(shape: str, precision: str, seed: int = 0) -> tuple[Griffin, dict[str, torch.Tensor]]:
-    """A meta model of `shape` in `precision` and random weights for it, converted tensor by tensor as
-    `rgchat convert` does (so peak memory is the converted model plus one float tensor)."""
-    with torch.device("meta"):
-        model = Griffin(config_lib.preset(shape), dtype_of(precision))
-    quantizable = quantizable_weights(model)
-    weights: dict[str, torch.Tensor] = {}
-    for name, value in random_tensors(model, seed):
-        weights.update(convert_tensor(name, value, precision, quantizable))
-    return swap_modules_(model, precision), weights
-
-
-def random_model(shape: str, precision: str, device: torch.device, seed: int = 0) -> Griffin:
-    """Random weights in the same modules a model file of `precision` loads into."""
-    model, weights = random_weights(shape, precision, seed)
-    model.load_state_dict({n: t.to(device) for n, t in weights.items()}, assign=True, strict=True)
-    return ready_for_device_(model.eval())
-
-
-def save_random_model(shape: str, precision: str, path: Path, seed: int = 0) -> Path:
-    """Write random weights as a model file, to measure loading and start-up like a real model's."""
-    model, weights = random_weights(shape, precision, seed)
-    layout = {n: (t.dtype, tuple(t.shape)) for n, t in weights.items()}
-    metadata = {"name": f"random-{shape}", "config": json.dumps(model.config.to_dict()), "precision": precision,
-                "source": json.dumps({"kind": "random", "seed": seed}), "rgchat_version": __version__}
-    modelfile.write(path, layout, metadata, weights.items())
-    return path
-
-
 PREFILL_SWEEP = (128, 2048, 16384)
 
 
-def checkpoints(n: int) -> list[int]:
-    """Where a long generation of n tokens records memory and speed: 1k, n/4, n/2, n."""
-    return sorted({min(1024, n), n // 4, n // 2, n} - {0})
-
-
-def long_run(model: Griffin, device: torch.device, n: int, seed: int = 0) -> list[dict]:
+def long_run(engine: Engine, device: torch.device, n: int, seed: int = 0) -> list[dict]:
     """Greedy-decode n tokens from a short prompt, recording resident (and device) memory and the decode
     speed since the previous checkpoint: both must stay flat, since the state never grows."""
-    state = model.new_state()
-    token = int(torch.argmax(model.prefill(torch.arange(1, 17) * 7 + seed, state)))
+    slot = engine.admit()
+    token = int(torch.argmax(engine.prefill(slot, (torch.arange(1, 17) * 7 + seed).tolist())))
     marks, records = checkpoints(n), []
     t0, done_before = time.perf_counter(), 0
     for done in range(1, n + 1):
-        token = int(torch.argmax(model.step(token, state)))
+        token = int(torch.argmax(engine.decode([slot], [token])[0]))
         if done == marks[0]:
             now = time.perf_counter()
             records.append(memory_record(done, (done - done_before) / (now - t0), device))
             t0, done_before = now, done
             marks.pop(0)
+    engine.release(slot)
     return records
-
-
-def memory_record(tokens: int, tok_s: float, device: torch.device) -> dict:
-    """One checkpoint of a long generation: tokens so far, speed since the last one, memory now."""
-    record = {"tokens": tokens, "tok_s": round(tok_s, 3), "rss_bytes": rss_bytes()}
-    if device.type == "cuda":
-        record["device_bytes"] = torch.cuda.memory_allocated(device)
-    return record
-
-
-def drift(records: list[dict], key: str) -> float:
-    """Largest relative change of `key` from its value at 1k tokens to any later checkpoint."""
-    later = [r for r in records if r["tokens"] >= min(1024, records[-1]["tokens"])]
-    base = later[0][key]
-    return round(max(abs(r[key] - base) / base for r in later), 4)
 
 
 def prefill_sweep(model: Griffin, device: torch.device, lengths: tuple[int, ...] = PREFILL_SWEEP,
@@ -120,46 +71,20 @@ def prefill_sweep(model: Griffin, device: torch.device, lengths: tuple[int, ...]
     return rows
 
 
-def plot(result: dict, path: Path) -> Path:
-    """Memory and decode speed against tokens generated, rgchat and (when compared) transformers."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RGChatError("--plot needs matplotlib: pip install matplotlib (or rgchat[plot])") from None
-    series = {"rgchat": result.get("long", [])}
-    if "hf" in result and "long" in result["hf"]:
-        series["transformers"] = result["hf"]["long"]
-    key = "device_bytes" if result["device"].startswith("cuda") else "rss_bytes"
-    fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, records in series.items():
-        tokens = [r["tokens"] for r in records]
-        mem.plot(tokens, [r[key] / 2**30 for r in records], marker="o", label=label)
-        speed.plot(tokens, [r["tok_s"] for r in records], marker="o", label=label)
-    mem.set(xlabel="tokens generated", ylabel=f"{'GPU' if key == 'device_bytes' else 'resident'} memory (GiB)",
-            title="memory", ylim=(0, None))
-    speed.set(xlabel="tokens generated", ylabel="decode tok/s", title="decode speed", ylim=(0, None))
-    for ax in (mem, speed):
-        ax.legend()
-    fig.suptitle(f"{result['shape']} {result['precision']} on {result['device']}")
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    write_atomically(path, image.getvalue())
-    return path
-
-
 def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: int, gen_tokens: int,
               seed: int = 0, model_file: Path | None = None, compare_hf: bool = False, long_tokens: int = 0,
-              sweep: bool = False) -> dict:
+              sweep: bool = False, batch: int = 1) -> dict:
     """Prefill and decode timings on random weights of `shape`, or on the weights of `model_file`; optionally
-    a long generation, a prefill sweep, and the same measurements on transformers."""
+    a long generation, a prefill sweep, and the same measurements on transformers. With `batch` B, B
+    conversations with distinct prompts are prefilled one after another and then decoded together, one
+    batched step per token."""
+    if batch < 1:
+        raise RGChatError("--batch must be at least 1")
+    if batch > 1 and (compare_hf or long_tokens or sweep):
+        raise RGChatError("--compare, --long and --prefill-sweep measure one conversation: leave out --batch")
     t0 = time.perf_counter()
     if model_file is not None:
-        from rgchat.checkpoint import load_file
+        from rgchat.loader import load_file
 
         model, mf = load_file(model_file, str(device))
         shape, precision = mf.metadata.get("name", str(model_file)), mf.precision
@@ -167,49 +92,58 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
         model = random_model(shape, precision, device, seed)
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed))
+    prompts = [torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed + i)).tolist()
+               for i in range(batch)]
+    engine = Engine(model, slots=batch)
+    slots = [engine.admit() for _ in range(batch)]
 
     # Warm-up: first-call allocations and kernel selection, and every variant a JIT compiles (a chunk that
-    # starts the document, one that continues it, a single decode step, on CUDA its graph capture), all in
-    # the state that is timed next. Its first token marks start-up.
-    state = model.new_state()
-    first = int(torch.argmax(model.prefill(prompt[:16], state)))
+    # starts the document, one that continues it, a decode step of every slot, on CUDA its graph capture),
+    # in the slots that are timed next. Its first token marks start-up.
+    for slot, prompt in zip(slots, prompts, strict=True):
+        first = int(torch.argmax(engine.prefill(slot, prompt[:16])))
+        engine.prefill(slot, prompt[:16])
     startup_s = process_age_s()
-    model.prefill(prompt[:16], state)
     t0 = time.perf_counter()
-    model.step(first, state)  # on CUDA: compiles and records the step's graph
+    engine.decode(slots, [first] * batch)  # on CUDA (one slot): compiles and records the step's graph
     synchronize(device)
     first_step_s = time.perf_counter() - t0
     build_peak_rss = peak_rss_bytes()
     reset_peak_rss()  # from here on: the memory that prefill and decode need
-    state.zero_()
-    synchronize(device)
-    t0 = time.perf_counter()
-    logits = model.prefill(prompt, state)
-    token = int(torch.argmax(logits))
-    synchronize(device)
-    prefill_s = time.perf_counter() - t0
+    tokens, prefill_s, ttft_s = [], 0.0, 0.0
+    for slot, prompt in zip(slots, prompts, strict=True):
+        state = engine.state(slot)
+        state.zero_()
+        synchronize(device)
+        t0 = time.perf_counter()
+        tokens.append(int(torch.argmax(model.prefill(torch.tensor(prompt), state))))
+        synchronize(device)
+        prefill_s += time.perf_counter() - t0
+        ttft_s = ttft_s or prefill_s
 
     t0 = time.perf_counter()
     for _ in range(gen_tokens):
-        token = int(torch.argmax(model.step(token, state)))  # int() waits for the device
+        tokens = torch.argmax(engine.decode(slots, tokens), dim=-1).tolist()  # tolist() waits for the device
     decode_s = time.perf_counter() - t0
     peak_rss = peak_rss_bytes()
+    state = engine.state(slots[0])
 
     bandwidth = measure_bandwidth(device)
     weight_bytes = model.weight_bytes()  # each decoded token reads every weight once (tied embedding: logits)
-    decode_tok_s = gen_tokens / decode_s if gen_tokens else 0.0
-    limit_tok_s = bandwidth * 1e9 / weight_bytes
+    per_conversation_tok_s = gen_tokens / decode_s if gen_tokens else 0.0
+    limit_tok_s = bandwidth * 1e9 / weight_bytes  # decode steps per second that reading the weights allows
     result = {
         "shape": shape,
         "precision": precision,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "batch": batch,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
-        "prefill_tok_s": round(prompt_tokens / prefill_s, 2),
-        "decode_tok_s": round(decode_tok_s, 3),
-        "ttft_s": round(prefill_s, 3),
+        "prefill_tok_s": round(batch * prompt_tokens / prefill_s, 2),
+        "decode_tok_s": round(batch * per_conversation_tok_s, 3),  # all conversations together
+        "per_conversation_decode_tok_s": round(per_conversation_tok_s, 3),
+        "ttft_s": round(ttft_s, 3),
         "load_s": round(load_s, 3),
         "startup_s": round(startup_s, 3) if startup_s is not None else None,
         "first_step_s": round(first_step_s, 3),
@@ -219,23 +153,24 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
         "state_bytes": state.nbytes,
         "bandwidth_gb_s": round(bandwidth, 2),
         "limit_tok_s": round(limit_tok_s, 3),
-        "fraction_of_limit": round(decode_tok_s / limit_tok_s, 4),
+        "fraction_of_limit": round(per_conversation_tok_s / limit_tok_s, 4),  # of the steps per second
     }
     if device.type == "cuda":
         result["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     if sweep:
         result["prefill_sweep"] = prefill_sweep(model, device, seed=seed)
     if long_tokens:
-        result["long"] = long_run(model, device, long_tokens, seed)
+        engine.release(slots[0])
+        result["long"] = long_run(engine, device, long_tokens, seed)
         result["long_memory_drift"] = drift(result["long"], "device_bytes" if device.type == "cuda" else "rss_bytes")
         result["long_speed_drift"] = drift(result["long"], "tok_s")
     if compare_hf:
         if model_file is not None:
             raise RGChatError("--compare hf works on random weights: leave out --model")
         config = model.config
-        del model, state
+        del model, state, engine
         hf_dtype = torch.float32 if precision == "f32" else torch.bfloat16  # quantized rgchat vs transformers bf16
-        hf = result["hf"] = bench_hf(config, hf_dtype, device, prompt, gen_tokens, seed, long_tokens)
+        hf = result["hf"] = bench_hf(config, hf_dtype, device, torch.tensor(prompts[0]), gen_tokens, seed, long_tokens)
         hf["dtype"] = str(hf_dtype).removeprefix("torch.")
         result["speedup_prefill"] = round(result["prefill_tok_s"] / hf["prefill_tok_s"], 2)
         result["speedup_decode"] = round(result["decode_tok_s"] / hf["decode_tok_s"], 2)
@@ -280,13 +215,12 @@ def time_state_file(shape: str, precision: str, folder: Path, repeats: int = 3) 
     a model of `shape`: the file's size and the best of a few save and load (+ restore) times."""
     from rgchat import statefile
     from rgchat.chat import ChatSession, Turn
-    from rgchat.sampling import Sampler
     from rgchat.state import State
 
     config = config_lib.preset(shape)
     with torch.device("meta"):
         model = Griffin(config, dtype_of(precision))
-    session = ChatSession(model, None, Sampler(), template=False)  # no tokenizer needed: nothing is generated
+    session = ChatSession(model, None, template=False)  # no tokenizer needed: nothing is generated
     gen = torch.Generator().manual_seed(0)
     state = State.empty(config, dtype_of(precision))
     for t in state.tensors():

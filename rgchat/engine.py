@@ -1,0 +1,90 @@
+"""The engine: a model and a pool of slots, one conversation's State per slot, decoded together.
+
+Decoding is memory-bound: a step reads every weight once whether it computes one row or eight, so one step
+for all active slots gives each conversation its next token for little more than the price of one. A
+conversation enters a free slot (empty, or copied from a saved State) and leaves it as a State at any time,
+without disturbing the others; its prompt is prefilled chunk by chunk, which a scheduler (rgchat/generate.py)
+interleaves with the other slots' decode steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rgchat.errors import RGChatError
+from rgchat.model import Griffin
+from rgchat.state import State
+
+
+class EngineFull(RGChatError):
+    """Every slot holds a conversation."""
+
+
+class Engine:
+    """`model` with `slots` conversation slots. The slots' States are rows of shared buffers (`State.pool`);
+    `state(slot)` is that row as a State of its own, which prefill, the chat session and state files use."""
+
+    def __init__(self, model: Griffin, slots: int = 1):
+        if slots < 1:
+            raise ValueError("an engine needs at least one slot")
+        self.model = model
+        self.states = State.pool(model.config, model.dtype, model.device, slots)
+        self.free = list(range(slots))
+        self.captured = None  # the CUDA decode graph for one slot (rgchat/cuda_graph.py), made on first use
+        if model.device.type == "cuda":
+            from rgchat.cuda_graph import CapturedStep
+
+            self.captured = CapturedStep()
+
+    @property
+    def slots(self) -> int:
+        return len(self.states)
+
+    @property
+    def active(self) -> int:
+        return self.slots - len(self.free)
+
+    def admit(self, state: State | None = None) -> int:
+        """Take the lowest free slot for a conversation: empty, or continuing `state` (copied in)."""
+        if not self.free:
+            raise EngineFull(f"all {self.slots} slots are busy")
+        slot = self.free.pop(0)
+        if state is None:
+            self.states[slot].zero_()
+        else:
+            self.states[slot].copy_(state)
+        return slot
+
+    def release(self, slot: int) -> State:
+        """Free `slot`; returns its conversation as an independent State."""
+        self._check(slot)
+        state = self.states[slot].clone()
+        self.free.append(slot)
+        self.free.sort()
+        return state
+
+    def state(self, slot: int) -> State:
+        """The slot's State itself (updated in place by every step)."""
+        self._check(slot)
+        return self.states[slot]
+
+    def _check(self, slot: int) -> None:
+        if not 0 <= slot < self.slots or slot in self.free:
+            raise ValueError(f"slot {slot} holds no conversation")
+
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Feed `ids` (at most `model.prefill_chunk` of them, for bounded memory) into the slot's
+        conversation; returns the last token's logits [vocab]."""
+        if not ids or len(ids) > self.model.prefill_chunk:
+            raise ValueError(f"prefill takes 1 to {self.model.prefill_chunk} tokens at a time")
+        return self.model.forward(torch.tensor(ids, dtype=torch.long), self.state(slot))
+
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """One step for several slots: feed each its token, return the next logits [n, vocab]. On CUDA one
+        slot replays a captured graph, whose logits buffer the next step overwrites."""
+        states = [self.state(slot) for slot in slots]
+        if self.captured is not None and len(states) == 1 and states[0].pos > 0:
+            graph = self.captured.runner(self.model, states[0])
+            if graph is not None:
+                return graph(tokens[0], states[0])[None]
+        return self.model.decode(torch.tensor(tokens, dtype=torch.long), states)

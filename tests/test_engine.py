@@ -1,0 +1,143 @@
+"""The engine's slots and batched decode step: a conversation decodes to the same greedy tokens alone or
+beside others (batch-invariant arithmetic), at any mix of positions, through admission and release."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import CYCLES, tiny_model
+from rgchat import quant
+from rgchat.engine import Engine, EngineFull
+from rgchat.quant import quantize_model
+from rgchat.state import State
+
+SMALL_WINDOW = dataclasses.replace(CYCLES, window=16)  # conversations pass the window within a test
+PROMPTS = [[2, 7], [2, 30, 31, 32, 33], list(range(2, 40)), [2], list(range(100, 120)), [2, 9, 9, 9],
+           list(range(300, 355)), [2, 400, 401]]  # ragged: some already past the window after prefill
+STEPS = 24
+
+
+@pytest.fixture(scope="module", params=["f32", "int8"])
+def model(request):
+    model = tiny_model(SMALL_WINDOW, seed=5)
+    return quantize_model(model, "int8") if request.param == "int8" else model
+
+
+def prefill(engine: Engine, slot: int, prompt: list[int]) -> int:
+    chunk = engine.model.prefill_chunk
+    for i in range(0, len(prompt), chunk):
+        logits = engine.prefill(slot, prompt[i:i + chunk])
+    return int(torch.argmax(logits))
+
+
+def alone(model, prompt: list[int], steps: int = STEPS) -> list[int]:
+    engine = Engine(model)
+    slot = engine.admit()
+    tokens = [prefill(engine, slot, prompt)]
+    for _ in range(steps):
+        tokens.append(int(torch.argmax(engine.decode([slot], tokens[-1:])[0])))
+    return tokens
+
+
+def together(model, prompts: list[list[int]], steps: int = STEPS) -> list[list[int]]:
+    engine = Engine(model, slots=len(prompts))
+    slots = [engine.admit() for _ in prompts]
+    tokens = [[prefill(engine, slot, p)] for slot, p in zip(slots, prompts)]
+    for _ in range(steps):
+        logits = engine.decode(slots, [t[-1] for t in tokens])
+        for t, row in zip(tokens, logits):
+            t.append(int(torch.argmax(row)))
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    runs = [alone(model, p) for p in PROMPTS]
+    assert len({tuple(r) for r in runs}) == len(runs) and all(len(set(r)) > 3 for r in runs)  # output varies
+    return runs
+
+
+@pytest.mark.parametrize("batch", range(1, 9))
+def test_batched_greedy_decoding_equals_decoding_alone(model, expected, batch):
+    assert together(model, PROMPTS[:batch]) == expected[:batch]
+
+
+def test_batched_logits_are_bitwise_those_of_decoding_alone(model):
+    """Stronger than equal tokens: every row of a batched step is exactly the one-row step's result."""
+    prompts = PROMPTS[:8]
+    engine = Engine(model, slots=8)
+    slots = [engine.admit() for _ in prompts]
+    first = [prefill(engine, slot, p) for slot, p in zip(slots, prompts)]
+    singles = [engine.release(slot) for slot in slots]
+    for batch in (2, 5, 8):
+        for slot, state in zip(slots[:batch], singles):
+            engine.admit(state)
+        logits = engine.decode(slots[:batch], first[:batch])
+        for slot in slots[:batch]:
+            engine.release(slot)
+        for i in range(batch):
+            one = Engine(model)
+            logits_alone = one.decode([one.admit(singles[i])], first[i:i + 1])[0]
+            assert torch.equal(logits[i], logits_alone), (batch, i)
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_both_cpu_int8_kernels_are_batch_invariant(monkeypatch, vnni):
+    monkeypatch.setattr(quant, "cpu_has_vnni", lambda: vnni)
+    model = quantize_model(tiny_model(SMALL_WINDOW, seed=5), "int8")
+    assert together(model, PROMPTS[:5], 12) == [alone(model, p, 12) for p in PROMPTS[:5]]
+
+
+def test_admitting_and_releasing_in_the_middle_of_a_batch(model, expected):
+    """Conversations join and leave while others decode; one leaves as a State and comes back in another
+    slot: every one still gets exactly its tokens alone."""
+    engine = Engine(model, slots=3)
+    running: dict[int, tuple[int, list[int]]] = {}  # slot -> (conversation, tokens so far)
+    parked: dict[int, tuple[State, list[int]]] = {}
+    waiting = list(range(6))
+    done: dict[int, list[int]] = {}
+    step = 0
+    while waiting or running or parked:
+        if waiting and engine.free and step % 3 == 0:  # join every third step
+            i = waiting.pop(0)
+            slot = engine.admit()
+            running[slot] = (i, [prefill(engine, slot, PROMPTS[i])])
+        if parked and engine.free and step % 5 == 0:
+            i, (state, tokens) = next(iter(parked.items()))
+            del parked[i]
+            running[engine.admit(state)] = (i, tokens)
+        if running:
+            slots = sorted(running, reverse=True)  # any order of slots
+            logits = engine.decode(slots, [running[s][1][-1] for s in slots])
+            for slot, row in zip(slots, logits):
+                running[slot][1].append(int(torch.argmax(row)))
+        for slot, (i, tokens) in list(running.items()):
+            if i == 1 and len(tokens) == 7:  # conversation 1 leaves for a while as a State
+                parked[i] = (engine.release(slot), tokens)
+                del running[slot]
+            elif len(tokens) == STEPS + 1:
+                done[i] = tokens
+                engine.release(slot)
+                del running[slot]
+        step += 1
+    assert [done[i] for i in range(6)] == expected[:6]
+
+
+def test_slots_are_independent_states():
+    model = tiny_model(SMALL_WINDOW, seed=5)
+    engine = Engine(model, slots=2)
+    a, b = engine.admit(), engine.admit()
+    with pytest.raises(EngineFull):
+        engine.admit()
+    prefill(engine, a, PROMPTS[2])
+    assert engine.state(b).pos == 0 and all(not t.any() for t in engine.state(b).tensors())
+    released = engine.release(a)
+    assert released.pos == len(PROMPTS[2]) and engine.free == [a]
+    with pytest.raises(ValueError):
+        engine.state(a)  # a free slot holds no conversation
+    engine.state(b).pos = 3
+    again = engine.admit()
+    assert again == a and engine.state(a).pos == 0 and engine.state(b).pos == 3  # admitted empty, b untouched
+    with pytest.raises(ValueError):
+        engine.decode([a, b], [1, 1])  # a fresh conversation starts with a prefill
