@@ -317,7 +317,7 @@ def bench(
     gen_tokens: Annotated[int, typer.Option(min=0, help="Tokens to decode for the decode timing.")] = 16,
     batch: Annotated[Optional[list[int]], typer.Option(min=1, max=64, help="Conversations (distinct prompts) "
                      "decoded together, one batched step per token; repeat it to measure several, one after "
-                     "another.")] = None,
+                     "another (by default 1).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random weights and prompt.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
     scan: Annotated[bool, typer.Option("--scan", help="Time the RG-LRU scan alone: native vs PyTorch, "
