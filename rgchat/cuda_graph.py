@@ -1,8 +1,8 @@
 """Decode on CUDA as one captured graph. A 2B step is about a thousand small kernels; launched one by one
 from Python they cost more than the step's memory traffic. So the step is first fused by torch.compile
 (to a few hundred kernels: element-wise chains become single Triton kernels) and then recorded as a CUDA
-graph, which launches them all at once. The graph is recorded for one State's buffers (another slot's
-State records a new one) and replayed with the token and position written into static device tensors.
+graph, which launches them all at once. A graph is recorded for one State's buffers (each slot of an
+engine gets its own) and replayed with the token and position written into static device tensors.
 
 Compiling took 35 s (2B bf16), 62 s (int8) and 95 s (int4) on an H200 on a first start, 14 s (bf16) once
 torch's on-disk cache held the result. RGCHAT_COMPILE=0 skips it (a graph of the plain step: slower per token, quick to start); RGCHAT_CUDA_GRAPHS=0
@@ -81,25 +81,33 @@ def _capture(model: Griffin, state: State, compile: bool) -> GraphStep | bool:
 
 
 class CapturedStep:
-    """An engine's captured decode step: recorded on first use for one State's buffers, and again when asked
-    for another State (keeping the first capture's choice of compiling)."""
+    """An engine's captured decode steps, one per slot State (a graph replays for the buffers it was
+    recorded with): recorded on first use, the first capture's choice of compiling kept for the others
+    (a later capture reuses the compiled code). Several slots decode one after another, each through its
+    own graph, which on CUDA is far faster than an eager batched step."""
 
     def __init__(self) -> None:
-        self.graph: GraphStep | bool | None = None  # False: graphs failed or are off, decode eagerly
+        self.graphs: dict[tuple[int, ...], GraphStep] = {}
+        self.compiled: bool | None = None  # the choice made at the first capture
+        self.failed = False  # graphs could not be recorded: decode eagerly
 
     def runner(self, model: Griffin, state: State) -> GraphStep | None:
         """The captured step for `state`, capturing it first if needed; None where graphs are off or failed
         (then the eager step runs)."""
-        if os.environ.get(ENV_VAR, "1") == "0" or self.graph is False:
+        if os.environ.get(ENV_VAR, "1") == "0" or self.failed:
             return None
-        if self.graph is None:
-            compile = os.environ.get(COMPILE_ENV_VAR, "1") != "0"
-            if compile:
-                _notice("compiling the CUDA decode step (a minute or more on a first start, less once cached; "
-                        "RGCHAT_COMPILE=0 skips it)")
-            self.graph = _capture(model, state, compile)
-        elif not self.graph.serves(state):
-            compile = self.graph.compiled
-            self.graph = None  # release the old graph's memory first
-            self.graph = _capture(model, state, compile)
-        return self.graph or None
+        key = tuple(t.data_ptr() for t in state.tensors())
+        if key not in self.graphs:
+            compile = self.compiled
+            if compile is None:
+                compile = os.environ.get(COMPILE_ENV_VAR, "1") != "0"
+                if compile:
+                    _notice("compiling the CUDA decode step (a minute or more on a first start, less once "
+                            "cached; RGCHAT_COMPILE=0 skips it)")
+            graph = _capture(model, state, compile)
+            if graph is False:
+                self.failed = True
+                return None
+            self.compiled = graph.compiled
+            self.graphs[key] = graph
+        return self.graphs[key]

@@ -30,7 +30,7 @@ class Engine:
         self.model = model
         self.states = State.pool(model.config, model.dtype, model.device, slots)
         self.free = list(range(slots))
-        self.captured = None  # the CUDA decode graph for one slot (rgchat/cuda_graph.py), made on first use
+        self.captured = None  # the CUDA decode graphs, one per slot (rgchat/cuda_graph.py), made on first use
         if model.device.type == "cuda":
             from rgchat.cuda_graph import CapturedStep
 
@@ -48,11 +48,16 @@ class Engine:
         """Take the lowest free slot for a conversation: empty, or continuing `state` (copied in)."""
         if not self.free:
             raise EngineFull(f"all {self.slots} slots are busy")
-        slot = self.free.pop(0)
+        slot = self.free[0]
         if state is None:
             self.states[slot].zero_()
         else:
+            ours = self.states[slot].tensors()
+            theirs = state.tensors()
+            if len(ours) != len(theirs) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(ours, theirs)):
+                raise ValueError("the state does not fit this model's slots (other shape or dtype)")
             self.states[slot].copy_(state)
+        self.free.pop(0)
         return slot
 
     def release(self, slot: int) -> State:
@@ -80,11 +85,14 @@ class Engine:
         return self.model.forward(torch.tensor(ids, dtype=torch.long), self.state(slot))
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """One step for several slots: feed each its token, return the next logits [n, vocab]. On CUDA one
-        slot replays a captured graph, whose logits buffer the next step overwrites."""
+        """One step for several slots: feed each its token, return the next logits [n, vocab]. On CUDA each
+        slot replays its own captured graph (rgchat/cuda_graph.py), one after another; elsewhere one
+        batched step runs."""
+        if len(set(slots)) != len(slots):
+            raise ValueError("decode takes each slot once")
         states = [self.state(slot) for slot in slots]
-        if self.captured is not None and len(states) == 1 and states[0].pos > 0:
-            graph = self.captured.runner(self.model, states[0])
-            if graph is not None:
-                return graph(tokens[0], states[0])[None]
+        if self.captured is not None and all(s.pos > 0 for s in states):
+            graphs = [self.captured.runner(self.model, s) for s in states]
+            if all(g is not None for g in graphs):
+                return torch.stack([g(t, s) for g, t, s in zip(graphs, tokens, states, strict=True)])
         return self.model.decode(torch.tensor(tokens, dtype=torch.long), states)

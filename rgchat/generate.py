@@ -6,8 +6,9 @@ still reading its prompt (so a long prompt holds the others up by one chunk at m
 every answer that has logits, and feeds all those tokens in one batched decode step. `generate` is the same
 loop for one answer. Closing the turn (feeding the last token and the template's `<end_of_turn>`) happens at
 the end of iteration, on `close()` and when a request's cancel flag is set; the conversation is then exactly
-what an answer capped at that many tokens would have left. Only an error inside the engine leaves a turn
-open, for its owner to withdraw.
+what an answer capped at that many tokens would have left. Left open, for its owner to withdraw: a turn
+whose prompt was not fully read when it was cancelled or closed, and any turn when the engine fails (or
+when an exception is thrown into `generate_many` itself; `generate` turns one into a close).
 """
 
 from __future__ import annotations
@@ -224,9 +225,10 @@ def _step(engine: Engine, answers: list[_Answer]) -> list[Finish | None]:
 def generate_many(engine: Engine, requests: list[Request],
                   arrivals: Callable[[], list[Request]] | None = None) -> Iterator[tuple[Request, Event]]:
     """Answer every request, yielding (request, event) as tokens come. `arrivals`, when given, is asked
-    before every round for requests that join the batch (a server's queue); the loop ends when no request is
-    left. Each request gets exactly one Finish; closing the iterator early closes every unfinished turn as
-    cancelled (without yielding)."""
+    before every round for requests that join the batch (a server's queue, which checks them first: an
+    invalid one stops the loop); the loop ends when no request is left. Each request gets exactly one Finish.
+    Closing the iterator early ends every unfinished request as cancelled (without yielding), closing its turn
+    if its prompt was fully read."""
     answers = [_Answer(engine, r) for r in requests]
     try:
         while True:

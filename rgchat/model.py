@@ -109,6 +109,7 @@ class RGLRU(nn.Module):
         if n == 1:
             return rglru(rows, gate_x, gate_a, a_scale, h[0], reset).view(n, T, L)
         # One token per conversation: every (conversation, channel) pair is a channel of one scan step.
+        assert T == 1, "several conversations advance one token at a time"
         flat = lambda t: t.view(1, n * L)  # noqa: E731
         return rglru(flat(rows), flat(gate_x), flat(gate_a), a_scale.repeat(n), h.view(n * L)).view(n, T, L)
 
@@ -310,8 +311,9 @@ class Griffin(nn.Module):
         """One decode step for several conversations: tokens [n], the next token of each of `states` (updated
         in place, each at its own position). Returns float32 logits [n, vocab].
 
-        A row's logits do not depend on the other rows (see `quant.row_by_row` and `quant.int8_matmul`), so a
-        conversation decodes to the same tokens alone or beside others."""
+        On the CPU a row's logits do not depend on the other rows (up to 16 rows in float32, 64 in int8: see
+        `quant.row_by_row` and `quant.int8_matmul`), so a conversation decodes to the same tokens alone or
+        beside others; on CUDA the engine replays a graph per conversation instead (rgchat/engine.py)."""
         if len(states) != tokens.shape[0] or not states:
             raise ValueError("decode takes one token per state")
         if len(states) > 1 and any(s.pos == 0 for s in states):

@@ -8,8 +8,8 @@ import math
 
 SEED_MAX = 2**64 - 1  # what torch's generator takes
 REPEAT_WINDOW = 64  # the repetition penalty looks at this many recent tokens (bounded, as llama.cpp's last_n)
-MAX_STOPS = 16  # stop strings per answer (OpenAI allows 4; each is checked after every token)
-MAX_STOP_CHARS = 1000
+MAX_STOPS = 64  # stop strings per answer (OpenAI allows 4; each is checked after every token)
+MAX_STOP_CHARS = 4096
 
 # (lowest, highest or None) of every number a user can set.
 RANGES: dict[str, tuple[float, float | None]] = {
@@ -47,7 +47,9 @@ def validate(name: str, value):
     kind = int if name in INTEGERS else float
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise SettingError(name, f"must be {'an integer' if kind is int else 'a number'}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingError(name, "must be a finite number")
+    if kind is float and isinstance(value, int) and abs(value) > 2**1000:  # float() of it would overflow
         raise SettingError(name, "must be a finite number")
     low, high = RANGES[name]
     if value < low or (high is not None and value > high):

@@ -42,19 +42,19 @@ def test_graph_step_equals_the_eager_step_across_the_window(monkeypatch, compile
     engine.prefill(graphed, tokens[:3])
     engine.prefill(eager, tokens[:3])
     for t in tokens[3:]:
-        got = engine.decode([graphed], [t])[0].clone()  # the graph's output buffer is reused by the next step
+        got = engine.decode([graphed], [t])[0]
         monkeypatch.setenv(cuda_graph.ENV_VAR, "0")
         expected = engine.decode([eager], [t])[0]
         monkeypatch.delenv(cuda_graph.ENV_VAR)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
-    graph = engine.captured.graph
+    [graph] = engine.captured.graphs.values()
     assert isinstance(graph, cuda_graph.GraphStep) and graph.serves(engine.state(graphed))
     assert graph.compiled == (compile == "1")
     assert engine.state(graphed).pos == engine.state(eager).pos == 40
-    engine.decode([eager], [tokens[3]])  # another slot's buffers: captured anew
-    graph = engine.captured.graph
-    assert graph.serves(engine.state(eager)) and not graph.serves(engine.state(graphed))
-    assert graph.compiled == (compile == "1")
+    engine.decode([eager], [tokens[3]])  # another slot's buffers: a graph of its own
+    first, second = engine.captured.graphs.values()
+    assert first.serves(engine.state(graphed)) and second.serves(engine.state(eager))
+    assert first.compiled == second.compiled == (compile == "1")
 
 
 def test_a_failed_compile_records_the_plain_step(monkeypatch, capsys):
@@ -66,7 +66,8 @@ def test_a_failed_compile_records_the_plain_step(monkeypatch, capsys):
     slot = engine.admit()
     engine.prefill(slot, prompt(5, seed=3))
     engine.decode([slot], [1])
-    assert isinstance(engine.captured.graph, cuda_graph.GraphStep) and not engine.captured.graph.compiled
+    [graph] = engine.captured.graphs.values()
+    assert isinstance(graph, cuda_graph.GraphStep) and not graph.compiled
     assert "torch.compile failed, recording the plain step (no compiler here)" in capsys.readouterr().err
 
 
@@ -78,7 +79,8 @@ def test_greedy_bf16_on_cuda_matches_the_cpu():
     ids = prompt(20, seed=2)
     on_cuda_engine = Engine(cuda)
     (on_cpu,), (on_cuda,) = greedy(Engine(cpu), [ids], 64), greedy(on_cuda_engine, [ids], 64)
-    assert isinstance(on_cuda_engine.captured.graph, cuda_graph.GraphStep) and on_cuda_engine.captured.graph.compiled
+    [graph] = on_cuda_engine.captured.graphs.values()
+    assert isinstance(graph, cuda_graph.GraphStep) and graph.compiled
     same = next((i for i, (a, b) in enumerate(zip(on_cpu, on_cuda)) if a != b), 64)
     print(f"CUDA bf16 (compiled graph) and CPU bf16 greedy agree on the first {same} of 64 tokens")
     if same < 64:
@@ -91,9 +93,11 @@ def test_greedy_bf16_on_cuda_matches_the_cpu():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_batched_decoding_on_cuda_against_decoding_alone(dtype):
-    """cuBLAS picks its kernels by row count, so on CUDA a batched row need not equal the row alone: this
-    measures how often the greedy tokens of 8 conversations decoded together agree with each decoded alone."""
+def test_batched_decoding_on_cuda_against_decoding_alone(dtype, monkeypatch):
+    """cuBLAS picks its kernels by row count, so on CUDA a row of an eager batched step need not equal the
+    row alone: this measures how often the greedy tokens of 8 conversations decoded together agree with each
+    decoded alone, in the eager batched step; through the per-slot graphs they must be equal."""
+    monkeypatch.setenv(cuda_graph.ENV_VAR, "0")
     model = fuse_projections_(tiny_model(CYCLES, seed=12, dtype=dtype, out_gain=1.0).to("cuda"))
     prompts = [prompt(3 + 5 * i, seed=20 + i) for i in range(8)]
     alone = [greedy(Engine(model), [p], 48)[0] for p in prompts]
@@ -103,3 +107,7 @@ def test_batched_decoding_on_cuda_against_decoding_alone(dtype):
     print(f"CUDA {dtype}: batched greedy agrees with alone on the first {agree} of 48 tokens "
           f"({tokens_same:.3f} of all tokens equal)")
     assert min(agree) >= 1  # the first token comes from each conversation's own prefill
+    monkeypatch.delenv(cuda_graph.ENV_VAR)
+    engine = Engine(model, slots=8)
+    assert greedy(engine, prompts, 48) == [greedy(engine, [p], 48)[0] for p in prompts]
+    assert len(engine.captured.graphs) == 8

@@ -141,3 +141,9 @@ def test_slots_are_independent_states():
     assert again == a and engine.state(a).pos == 0 and engine.state(b).pos == 3  # admitted empty, b untouched
     with pytest.raises(ValueError):
         engine.decode([a, b], [1, 1])  # a fresh conversation starts with a prefill
+    with pytest.raises(ValueError):
+        engine.decode([b, b], [1, 1])  # each slot once
+    engine.release(a)
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.admit(State.empty(CYCLES, torch.float32))  # another model's shape
+    assert engine.free == [a]  # and the slot is still free

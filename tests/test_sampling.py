@@ -98,3 +98,6 @@ def test_out_of_range_settings_are_refused():
             validate(name, value)
     with pytest.raises(ValueError, match="seed"):
         Sampler(seed=99999999999999999999999)
+    for name in ("temperature", "top_p", "repeat_penalty"):  # an integer too large for a float
+        with pytest.raises(ValueError, match=name):
+            validate(name, 10**400)
