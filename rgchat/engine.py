@@ -40,10 +40,6 @@ class Engine:
     def slots(self) -> int:
         return len(self.states)
 
-    @property
-    def active(self) -> int:
-        return self.slots - len(self.free)
-
     def admit(self, state: State | None = None) -> int:
         """Take the lowest free slot for a conversation: empty, or continuing `state` (copied in)."""
         if not self.free:
