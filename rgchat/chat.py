@@ -124,13 +124,27 @@ class ChatSession:
         self._before_last.valid = False
 
     def regen(self) -> Iterator[Event]:
-        """Answer the last question again, from the state saved before it was asked."""
+        """Answer the last question again, from the state saved before it was asked. Should the new answer be
+        withdrawn (see `ask`), the conversation is back as it was, old answer and /undo included; `on_change`
+        runs only for a new answer."""
         before = self._before_last
         if not before.valid or len(self.transcript) <= len(before.transcript):
             raise ValueError("nothing to regenerate yet")
-        question = self.transcript[len(before.transcript)].text
-        self.undo()
-        yield from self.ask(question)
+        asked_at = len(before.transcript)
+        question = self.transcript[asked_at].text
+        current = Snapshot(self.state.clone(), list(self.transcript), list(self.recent), True)
+        random_stream = self.sampler.generator.get_state()
+        self._restore()
+        try:
+            yield from self.ask(question)
+        finally:
+            if len(self.transcript) == asked_at:  # withdrawn: the old answer comes back
+                self.state.copy_(current.state)
+                self.transcript[:] = current.transcript
+                self.recent.clear()
+                self.recent.extend(current.recent)
+                self.sampler.generator.set_state(random_stream)
+                self._before_last.valid = True  # ask's snapshot is the conversation before the question
 
     def undo(self) -> None:
         """Go back to the state before the last exchange (once: one snapshot is kept)."""

@@ -202,6 +202,30 @@ def test_leaving_an_answer_after_k_tokens_equals_capping_it_at_k(model, tokenize
     assert text(s.ask("And then?")) == text(capped.ask("And then?"))
 
 
+def test_a_failed_regen_keeps_the_old_answer(model, tokenizer_path):
+    s = session(model, tokenizer_path)
+    text(s.ask("Hello there"))
+    before = s.state.clone()
+    text(s.ask("The quick brown fox"))
+    answered, transcript = s.state.clone(), list(s.transcript)
+    saves = []
+    s.on_change = saves.append
+    decode = s.engine.decode
+
+    def failing_decode(slots, tokens):
+        raise MemoryError("out of memory")
+
+    s.engine.decode = failing_decode
+    try:
+        with pytest.raises(MemoryError):
+            text(s.regen())
+    finally:
+        s.engine.decode = decode
+    assert states_equal(s.state, answered) and s.transcript == transcript and saves == []
+    s.undo()  # and /undo still goes back to before the exchange
+    assert states_equal(s.state, before) and s.transcript == transcript[:2]
+
+
 def test_clear_can_be_undone_until_the_next_turn(model, tokenizer_path):
     s = session(model, tokenizer_path)
     text(s.ask("Hello there"))
