@@ -132,17 +132,14 @@ class ChatSession:
             raise ValueError("nothing to regenerate yet")
         asked_at = len(before.transcript)
         question = self.transcript[asked_at].text
-        current = Snapshot(self.state.clone(), list(self.transcript), list(self.recent), True)
+        current = Snapshot(self.state.clone(), list(self.transcript), list(self.recent))
         random_stream = self.sampler.generator.get_state()
         self._restore()
         try:
             yield from self.ask(question)
         finally:
             if len(self.transcript) == asked_at:  # withdrawn: the old answer comes back
-                self.state.copy_(current.state)
-                self.transcript[:] = current.transcript
-                self.recent.clear()
-                self.recent.extend(current.recent)
+                self._restore(current)
                 self.sampler.generator.set_state(random_stream)
                 self._before_last.valid = True  # ask's snapshot is the conversation before the question
 
@@ -150,8 +147,7 @@ class ChatSession:
         """Go back to the state before the last exchange (once: one snapshot is kept)."""
         if not self._before_last.valid:
             raise ValueError("nothing to undo")
-        self._restore()
-        self._before_last.valid = False
+        self._withdraw()
         self._changed()
 
     def clear(self) -> None:
@@ -206,8 +202,9 @@ class ChatSession:
         snap.state.copy_(self.state)  # into buffers allocated once
         snap.transcript, snap.recent, snap.valid = list(self.transcript), list(self.recent), True
 
-    def _restore(self) -> None:
-        snap = self._before_last
+    def _restore(self, snap: Snapshot | None = None) -> None:
+        """Put back `snap`, by default the one taken before the last exchange."""
+        snap = self._before_last if snap is None else snap
         self.state.copy_(snap.state)
         self.transcript[:] = snap.transcript
         self.recent.clear()

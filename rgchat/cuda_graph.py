@@ -28,13 +28,18 @@ def _notice(message: str) -> None:
     print(f"rgchat: {message}", file=sys.stderr, flush=True)
 
 
+def buffers_of(state: State) -> tuple[int, ...]:
+    """What a graph recorded for `state` depends on: the addresses of its tensors."""
+    return tuple(t.data_ptr() for t in state.tensors())
+
+
 class GraphStep:
     """Model.step_static for one State, compiled (unless `compile` is False) and captured."""
 
     def __init__(self, model: Griffin, state: State, compile: bool):
         device = model.device
         self.compiled = compile
-        self.buffers = [t.data_ptr() for t in state.tensors()]
+        self.buffers = buffers_of(state)
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.full((), state.pos, dtype=torch.long, device=device)
         step = torch.compile(model.step_static, dynamic=False) if compile else model.step_static
@@ -56,7 +61,7 @@ class GraphStep:
             self.logits = step(self.token, self.pos, state)
 
     def serves(self, state: State) -> bool:
-        return self.buffers == [t.data_ptr() for t in state.tensors()]
+        return self.buffers == buffers_of(state)
 
     def __call__(self, token: int | torch.Tensor, state: State) -> torch.Tensor:
         self.token.fill_(token)
@@ -96,7 +101,7 @@ class CapturedStep:
         (then the eager step runs)."""
         if os.environ.get(ENV_VAR, "1") == "0" or self.failed:
             return None
-        key = tuple(t.data_ptr() for t in state.tensors())
+        key = buffers_of(state)
         if key not in self.graphs:
             compile = self.compiled
             if compile is None:

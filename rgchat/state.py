@@ -85,8 +85,12 @@ class State:
         return State([_map(layer, torch.clone) for layer in self.layers], self.pos)
 
     def copy_(self, other: State) -> None:
-        """Overwrite this state in place with `other` (same shapes), keeping its buffers."""
-        for dst, src in zip(self.tensors(), other.tensors(), strict=True):
+        """Overwrite this state in place with `other`, keeping its buffers; ValueError (and nothing written)
+        if `other` has other shapes or dtypes (torch's copy_ would broadcast and cast)."""
+        ours, theirs = self.tensors(), other.tensors()
+        if len(ours) != len(theirs) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(ours, theirs)):
+            raise ValueError("the state does not fit (other shape or dtype)")
+        for dst, src in zip(ours, theirs):
             dst.copy_(src)
         self.pos = other.pos
 

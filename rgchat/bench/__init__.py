@@ -77,7 +77,7 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
     """Prefill and decode timings on random weights of `shape`, or on the weights of `model_file`; optionally
     a long generation, a prefill sweep, and the same measurements on transformers. With `batch` B, B
     conversations with distinct prompts are prefilled one after another and then decoded together, one
-    batched step per token."""
+    engine step for all of them per token."""
     if batch < 1:
         raise RGChatError("--batch must be at least 1")
     if batch > 1 and (compare_hf or long_tokens or sweep):
@@ -105,7 +105,7 @@ def run_bench(shape: str, precision: str, device: torch.device, prompt_tokens: i
         engine.prefill(slot, prompt[:16])
     startup_s = process_age_s()
     t0 = time.perf_counter()
-    engine.decode(slots, [first] * batch)  # on CUDA (one slot): compiles and records the step's graph
+    engine.decode(slots, [first] * batch)  # on CUDA: compiles the step, records each slot's graph
     synchronize(device)
     first_step_s = time.perf_counter() - t0
     build_peak_rss = peak_rss_bytes()
