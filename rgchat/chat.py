@@ -24,6 +24,11 @@ from rgchat.state import State
 from rgchat.tokenizer import Tokenizer
 
 
+def with_system(system: str | None, text: str) -> str:
+    """The first user turn's text: Gemma has no system role, so the system text heads that turn."""
+    return f"{system}\n\n{text}" if system else text
+
+
 @dataclasses.dataclass
 class Turn:
     role: str  # "user" or "model"
@@ -212,13 +217,13 @@ class ChatSession:
 
     def _close_ids(self) -> list[int]:
         """What ends an answer's turn in the chat template (`<end_of_turn>\n`); nothing in raw text."""
-        return [self.tokenizer.end_of_turn_id, *self.tokenizer.encode("\n")] if self.template else []
+        return self.tokenizer.end_of_turn() if self.template else []
 
     def _turn_ids(self, text: str) -> list[int]:
         tok = self.tokenizer
         ids = [tok.bos_id] if self.state.pos == 0 else []
         if not self.template:
             return ids + tok.encode(text)
-        if self.system and not any(t.role == "user" for t in self.transcript):
-            text = f"{self.system}\n\n{text}"  # Gemma has no system role: it heads the first user turn
+        if not any(t.role == "user" for t in self.transcript):
+            text = with_system(self.system, text)
         return ids + tok.chat_prompt(text)

@@ -387,6 +387,72 @@ def bench(
                 print(f"{key}: {json.dumps(value)}")
 
 
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes from 2GiB, 512M, 10G, 0 or a plain number (units are powers of 1024)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise UsageError(f"{flag}: {text!r} is not a size (say 512MiB, 2GiB, 0)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
+
+
+DEFAULT_PARALLEL = {"cpu": 4, "cuda": 8, "mps": 2}
+
+
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[str, typer.Argument(help="The model, named as for `rgchat run`.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (beyond 127.0.0.1, set --api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 picks a free one).")] = 8080,
+    api_key: Annotated[Optional[str], typer.Option(envvar="RGCHAT_API_KEY", show_envvar=True,
+                                                   help="Require Authorization: Bearer KEY.")] = None,
+    parallel: Annotated[Optional[int], typer.Option(min=1, max=64, help="Conversations decoded together "
+                                                                        "(by default 4 on CPU, 8 on CUDA).")] = None,
+    queue: Annotated[int, typer.Option(min=1, max=100_000, help="Requests that may wait for a slot; "
+                                                                "more get 429.")] = 64,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Most new prompt tokens one request may "
+                                                               "make the server read.")] = 32768,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Folder for the conversation snapshots (by "
+                                                           "default .server-cache in the store).")] = None,
+    cache_memory: Annotated[str, typer.Option(help="Snapshots kept in memory.")] = "2GiB",
+    cache_disk: Annotated[str, typer.Option(help="Snapshots kept on disk (0: none).")] = "10GiB",
+    precision: Annotated[Optional[Precision], typer.Option(
+        help="Weights to convert a checkpoint to (by default int8).")] = None,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Serve MODEL over OpenAI's API; every conversation's snapshot is kept, so a follow-up reads only its
+    new messages."""
+    import dataclasses
+
+    from rgchat import loader, server, serving
+    from rgchat.quant import DEFAULT_PRECISION
+    from rgchat.snapshots import SnapshotCache
+    from rgchat.store import store_dir
+
+    memory, disk = parse_size(cache_memory, "--cache-memory"), parse_size(cache_disk, "--cache-disk")
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    dev = device_lib.resolve(device.value)
+    if api_key is not None and not api_key:
+        raise UsageError("--api-key is empty")
+    path = loader.resolve(model, precision.value if precision else DEFAULT_PRECISION, log=log)  # downloads, converts
+    folder = cache_dir if cache_dir is not None else store_dir() / ".server-cache"
+
+    def load():
+        loaded = loader.load(str(path), precision.value if precision else None, dev, log=log)
+        return dataclasses.replace(loaded, spec=model)
+
+    def make_cache(loaded):
+        return SnapshotCache(loaded.identity(), loaded.model.config, memory, folder, disk, log)
+
+    worker = serving.Worker(load, parallel or DEFAULT_PARALLEL.get(dev.type, 1), queue, make_cache, log)
+    server.serve(worker, host, port, api_key, max_prompt_tokens, log)
+
+
 @app.command()
 @user_errors
 def doctor() -> None:

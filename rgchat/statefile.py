@@ -78,28 +78,38 @@ def payload_sha256(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -
     return h.hexdigest()
 
 
-def save(path: str | Path, session: ChatSession, identity: dict) -> None:
-    """Write the session's conversation to `path` atomically (see `files.atomic_writer`; a new file is 0600:
-    it holds a private conversation)."""
-    path = Path(path)
-    tensors = state_tensors(session.state, session.model.config)
-    tensors["transcript.ids"] = torch.tensor([t for turn in session.transcript for t in turn.ids], dtype=torch.int32)
-    tensors["sampler.rng"] = session.sampler.generator.get_state()
-    tensors["sampler.recent"] = torch.tensor(list(session.recent), dtype=torch.int32)
+def encode(state: State, config: GriffinConfig, transcript: list[Turn], *, identity: dict, template: bool,
+           system: str | None, settings: Settings, rng: torch.Tensor, recent: list[int],
+           extra: dict[str, str] | None = None) -> bytes:
+    """A conversation as the bytes of a state file; `extra` adds metadata fields of the caller's own."""
+    tensors = state_tensors(state, config)
+    tensors["transcript.ids"] = torch.tensor([t for turn in transcript for t in turn.ids], dtype=torch.int32)
+    tensors["sampler.rng"] = rng
+    tensors["sampler.recent"] = torch.tensor(list(recent), dtype=torch.int32)
     metadata = {
+        **(extra or {}),
         "format": FORMAT,
         "format_version": str(VERSION),
         "model": json.dumps(identity, sort_keys=True),
-        "pos": str(session.state.pos),
-        "template": "chat" if session.template else "raw",
-        "system": json.dumps(session.system),
-        "transcript": json.dumps([{"role": t.role, "text": t.text, "tokens": len(t.ids)} for t in session.transcript]),
-        "settings": json.dumps(session.settings.to_dict()),
+        "pos": str(state.pos),
+        "template": "chat" if template else "raw",
+        "system": json.dumps(system),
+        "transcript": json.dumps([{"role": t.role, "text": t.text, "tokens": len(t.ids)} for t in transcript]),
+        "settings": json.dumps(settings.to_dict()),
         "rgchat_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     metadata["payload_sha256"] = payload_sha256(metadata, tensors)
-    write_atomically(path, save_tensors(tensors, metadata), mode=PRIVATE)
+    return save_tensors(tensors, metadata)
+
+
+def save(path: str | Path, session: ChatSession, identity: dict) -> None:
+    """Write the session's conversation to `path` atomically (see `files.atomic_writer`; a new file is 0600:
+    it holds a private conversation)."""
+    data = encode(session.state, session.model.config, session.transcript, identity=identity,
+                  template=session.template, system=session.system, settings=session.settings,
+                  rng=session.sampler.generator.get_state(), recent=list(session.recent))
+    write_atomically(path, data, mode=PRIVATE)
 
 
 def save_copy(path: str | Path, session: ChatSession, identity: dict) -> None:

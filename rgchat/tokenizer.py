@@ -59,6 +59,11 @@ class Tokenizer:
         sot, eot = self.start_of_turn_id, self.end_of_turn_id
         return [sot, *self.encode("user\n" + text), eot, *self.encode("\n"), sot, *self.encode("model\n")]
 
+    def end_of_turn(self) -> list[int]:
+        """What closes a turn in Gemma's template (`<end_of_turn>\n`): fed after every answer."""
+        self.chat_prompt("")  # raises the clear error for a tokenizer without the markers
+        return [self.end_of_turn_id, *self.encode("\n")]
+
 
 class StreamingDetokenizer:
     """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences.
