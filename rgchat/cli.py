@@ -337,6 +337,12 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option(help="Draw memory and speed against tokens (with --long), or "
                                                       "speed against --batch (several given), into this PNG "
                                                       "(needs matplotlib).")] = None,
+    server: Annotated[Optional[str], typer.Option(help="Instead, load a running `rgchat serve` at this URL: "
+                                                       "the 10th turn of a 4,000-token conversation from its "
+                                                       "snapshot and cold, then --clients streams at once.")] = None,
+    clients: Annotated[Optional[list[int]], typer.Option(min=1, max=256, help="Concurrent streaming clients "
+                                                         "for --server (repeatable; by default 1, 4 and 8).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="RGCHAT_API_KEY", help="The server's key.")] = None,
 ) -> None:
     """Measure prefill and decode speed on random weights of a real shape (no download needed)."""
     from rgchat.bench import run_bench, time_scan, time_state_file
@@ -344,6 +350,15 @@ def bench(
     from rgchat.bench.plot import plot_batches
     from rgchat.bench.random_weights import save_random_model
 
+    if server:
+        from rgchat.bench import server_load
+
+        client = server_load.Client(server, api_key)
+        server_load.concurrent(client, max(clients or [8]), max_tokens=2)  # warm-up: every slot used once
+        print(json.dumps(server_load.resumed_turn(client)), flush=True)
+        for n in clients or [1, 4, 8]:
+            print(json.dumps(server_load.concurrent(client, n)), flush=True)
+        return
     dev = device_lib.resolve(device.value)
     if save:
         path = save_random_model(shape.value, precision.value, save, seed)

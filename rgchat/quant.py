@@ -111,21 +111,32 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 
 # Up to this many rows (decode steps, short prefill chunks) one of torch's integer kernels runs (see
-# `int8_matmul`); beyond it, dequantizing to bfloat16 and a dense matmul wins (15360x2560 on a CPU with
-# VNNI: 44 ms each at 64 rows, 86 vs 58 ms at 128).
+# `int8_matmul`); beyond it, dequantizing and a dense matmul wins (15360x2560 on a CPU with VNNI: 44 ms each
+# at 64 rows, 86 vs 58 ms at 128).
 INT8_KERNEL_MAX_ROWS = 64
 
 
 @functools.cache
-def cpu_has_vnni() -> bool:
-    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI), on which torch._int_mm
-    is fast; without them it is several times slower than torch's bfloat16-activation int8 kernel."""
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (Linux's /proc/cpuinfo; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             info = f.read(1 << 20)
     except OSError:
-        return False
-    return any(flag in info.split() for flag in ("avx512_vnni", "avx_vnni"))
+        return frozenset()
+    return frozenset(info.split())
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI), on which torch._int_mm
+    is fast; without them it is several times slower than torch's bfloat16-activation int8 kernel."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX); without it a bfloat16 matmul is
+    several times slower than a float32 one."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def _int8_int_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -162,8 +173,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         out = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), q, scale).to(x.dtype)
     elif x.device.type == "cuda" and rows.shape[0] == 1 and (kernels := _triton_gemv()) is not None:
         out = kernels.int8_gemv(rows, q, scale)
-    else:
-        out = F.linear(rows, q.to(x.dtype)) * scale.to(x.dtype)
+    else:  # many rows: dequantize (to float32 on a CPU without native bfloat16 products) and multiply
+        dtype = torch.float32 if x.device.type == "cpu" and not cpu_has_bf16() else x.dtype
+        out = (F.linear(rows.to(dtype), q.to(dtype)) * scale.to(dtype)).to(x.dtype)
     return out.reshape(*x.shape[:-1], q.shape[0])
 
 

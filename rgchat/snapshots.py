@@ -103,9 +103,11 @@ class SnapshotCache:
         """(i, snapshot) for the largest i with `usable(i)` whose keys[i] is cached; counts a hit or a miss."""
         for i in range(len(keys) - 1, -1, -1):
             if usable(i) and (found := self.get(keys[i])) is not None:
-                self.hits += 1
+                with self._lock:
+                    self.hits += 1
                 return i, found
-        self.misses += 1
+        with self._lock:
+            self.misses += 1
         return None
 
     def get(self, key: str) -> Snapshot | None:

@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
 from rgchat.config import ATTENTION, RECURRENT, GriffinConfig
-from rgchat.bench.random_weights import init_random_
+from rgchat.bench.random_weights import init_random_, train_tokenizer
 from rgchat.model import Griffin
 
 # Several R,R,A cycles, 4 RG-LRU gate blocks.
@@ -25,13 +24,6 @@ CYCLES = GriffinConfig(vocab_size=512, width=64, mlp_width=96, lru_width=64, num
 # Many RG-LRU blocks, an LRU wider than the model.
 BLOCKS = GriffinConfig(vocab_size=512, width=128, mlp_width=160, lru_width=192, num_heads=8, num_kv_heads=1,
                        block_types=(RECURRENT, RECURRENT, ATTENTION, RECURRENT))
-
-CORPUS = """The quick brown fox jumps over the lazy dog. RecurrentGemma keeps a fixed-size state.
-A linear recurrence runs beside local attention; the window is two thousand and forty-eight tokens.
-Über café naïve façade — 日本語のテキスト, emoji 🙂 and numbers 12345 mix with plain words.
-Chat turns start with a marker and end with another; the model answers after its own marker.
-"""
-
 
 def greedy_tokens(model: Griffin, prompt: list[int], n: int, stop_ids: set[int] = frozenset()) -> list[int]:
     """The reference decode loop: prefill, then argmax and step; ends after a stop id (included) or n tokens."""
@@ -92,17 +84,7 @@ def tiny_model(config: GriffinConfig = CYCLES, seed: int = 0, dtype: torch.dtype
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> Path:
     """A 512-piece SentencePiece model with Gemma's special ids, chat markers and byte fallback."""
-    folder = tmp_path_factory.mktemp("tokenizer")
-    corpus = folder / "corpus.txt"
-    corpus.write_text(CORPUS * 20, encoding="utf-8")
-    spm.SentencePieceTrainer.Train(
-        input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=512, model_type="bpe",
-        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], character_coverage=0.995,
-        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        minloglevel=2,
-    )
-    return folder / "sp.model"
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def hf_config_json(config: GriffinConfig) -> dict:

@@ -19,11 +19,16 @@ import openai
 import pytest
 import torch
 import uvicorn
+from typer.testing import CliRunner
 
 from conftest import CYCLES, run_cli, tiny_model, write_hf_folder
 from rgchat import loader, server
+from rgchat.chat import ChatSession
 from rgchat.checkpoint import convert
+from rgchat.cli import app
+from rgchat.generate import text as generated_text
 from rgchat.serving import Worker
+from rgchat.settings import Settings
 from rgchat.snapshots import SnapshotCache
 
 MODEL_SEED = 31
@@ -123,18 +128,25 @@ def test_chat_and_completions_equal_rgchat_run(srv, model_file):
     assert 0 < reply.usage.prompt_tokens_details.cached_tokens < reply.usage.prompt_tokens
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
-    raw = run_cli("run", str(model_file), "--raw", "The quick brown", "--temperature", "0", "--max-tokens", "12")
     done = client.completions.create(model="tiny-it", prompt="The quick brown", **GREEDY)
-    assert done.choices[0].text == raw.stdout.removesuffix("\n")
+    assert done.choices[0].text == session_answer(model_file, "The quick brown", template=False)
     assert done.object == "text_completion" and done.usage.completion_tokens == 12
 
 
+def session_answer(model_file: Path, text: str, *, template: bool, system: str | None = None) -> str:
+    """What `rgchat run MODEL TEXT --temperature 0 --max-tokens 12` answers (the session it runs; tests/test_pipe.py
+    checks the two agree)."""
+    loaded = loader.load(str(model_file), None, torch.device("cpu"), log=lambda _: None)
+    session = ChatSession(loaded.model, loaded.tokenizer, Settings(temperature=0, max_tokens=12), template=template,
+                          system=system)
+    return generated_text(session.ask(text))
+
+
 def test_a_system_message_heads_the_first_turn_as_system_does(srv, model_file):
-    cli = run_cli("run", str(model_file), "Hello there", "--system", "Be brief.", "--temperature", "0",
-                  "--max-tokens", "12")
     answer, _ = ask(srv.client(), [{"role": "system", "content": "Be brief."},
                                    {"role": "user", "content": "Hello there"}])
-    assert answer == cli.stdout.removesuffix("\n")
+    assert answer == session_answer(model_file, "Hello there", template=True, system="Be brief.")
+    assert answer != ask(srv.client(), [{"role": "user", "content": "Hello there"}])[0]
 
 
 def test_streamed_deltas_make_the_whole_answer(srv):
@@ -198,7 +210,7 @@ def test_a_client_that_drops_a_stream_frees_its_slot_and_is_not_cached(srv):
             if len(got) == 3:
                 break
     assert wait_for(lambda: srv.metric("rgchat_active_slots") == 0)
-    assert srv.metric("rgchat_generated_tokens_total") - generated < 1000
+    assert srv.metric("rgchat_generated_tokens_total") - generated < 150  # left running, it would make 3000
     assert any("/v1/completions 200" in line and "client went away" in line for line in srv.lines)
 
     # a chat answer cut off by its client: the follow-up quoting what it saw finds no snapshot
@@ -218,7 +230,7 @@ def test_a_client_that_drops_a_stream_frees_its_slot_and_is_not_cached(srv):
 
 def test_an_uncut_answer_runs_long(srv):
     """The precondition of the test above: without the client leaving, the answer would not stop early."""
-    done = srv.client().completions.create(model="tiny-it", prompt="The quick brown", temperature=0, max_tokens=300)
+    done = srv.client().completions.create(model="tiny-it", prompt="The quick brown", temperature=0, max_tokens=200)
     assert done.choices[0].finish_reason == "length"
 
 
@@ -231,6 +243,8 @@ def test_the_cache_survives_a_restart_and_a_damaged_file_is_dropped(model_file, 
         follow = messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
         in_memory, _ = ask(first.client(), follow)
     assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o600
+    shown = run_cli("state", "show", str(files[0]))  # a cache file is a state file like any other
+    assert shown.returncode == 0 and "Hello there" in shown.stdout and answer in shown.stdout
     with running(model_file, tmp_path) as second:
         resumed, reply = ask(second.client(), follow)
         assert reply.usage.prompt_tokens_details.cached_tokens > 0 and resumed == in_memory
@@ -417,7 +431,18 @@ def test_serve_warns_beyond_loopback_without_a_key_and_refuses_bad_flags(model_f
     finally:
         proc.kill()
         proc.wait()
-    result = run_cli("serve", str(model_file), "--cache-memory", "lots")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--cache-memory" in result.stderr
-    result = run_cli("serve", str(tmp_path / "missing"))
-    assert result.returncode == 1 and result.stderr.startswith("rgchat: error:")
+    result = CliRunner().invoke(app, ["serve", str(model_file), "--cache-memory", "lots"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--cache-memory" in result.stderr
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and result.stderr.startswith("rgchat: error:")
+
+
+def test_the_load_benchmark_runs_against_a_server(srv):
+    from rgchat.bench import server_load
+
+    client = server_load.Client(srv.url, None)
+    turn = server_load.resumed_turn(client, turns=3, history_tokens=300, answer_tokens=8, last_words=4)
+    assert turn["resumed"]["cached_tokens"] >= 0.8 * turn["conversation_tokens"] > 0
+    assert turn["cold"]["cached_tokens"] == 0 and turn["cold"]["prompt_tokens"] > turn["conversation_tokens"]
+    together = server_load.concurrent(client, 3, max_tokens=8)
+    assert together["clients"] == 3 and together["generated_tokens"] <= 24 and together["tok_s"] > 0

@@ -1,10 +1,11 @@
 """Random weights of realistic scale, for models of any shape: the benchmark's 2B/9B models (no download
-needed) and the tests' tiny ones."""
+needed) and the tests' tiny ones; and a small tokenizer to serve them with."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from rgchat import __version__, modelfile
 from rgchat import config as config_lib
 from rgchat.model import Griffin, ready_for_device_
 from rgchat.quant import convert_tensor, dtype_of, quantizable_weights, swap_modules_
+from rgchat.store import TOKENIZER_FILE
 
 
 def random_tensors(model: Griffin, seed: int = 0, out_gain: float = 4.0):
@@ -73,11 +75,43 @@ def random_model(shape: str, precision: str, device: torch.device, seed: int = 0
     return ready_for_device_(model.eval())
 
 
+CORPUS = """The quick brown fox jumps over the lazy dog. RecurrentGemma keeps a fixed-size state.
+A linear recurrence runs beside local attention; the window is two thousand and forty-eight tokens.
+Über café naïve façade — 日本語のテキスト, emoji 🙂 and numbers 12345 mix with plain words.
+Chat turns start with a marker and end with another; the model answers after its own marker.
+"""
+
+
+def train_tokenizer(folder: Path, pieces: int = 512) -> Path:
+    """A small SentencePiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3), its chat markers and
+    byte fallback, trained on a few lines: enough to tokenize any text for random weights."""
+    import sentencepiece as spm
+
+    corpus = folder / "corpus.txt"
+    corpus.write_text(CORPUS * 20, encoding="utf-8")
+    spm.SentencePieceTrainer.Train(
+        input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=pieces, model_type="bpe",
+        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], character_coverage=0.995,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        minloglevel=2,
+    )
+    corpus.unlink()
+    return folder / "sp.model"
+
+
 def save_random_model(shape: str, precision: str, path: Path, seed: int = 0) -> Path:
-    """Write random weights as a model file, to measure loading and start-up like a real model's."""
+    """Write random weights as a model file, to measure loading and start-up like a real model's, with a
+    small tokenizer beside it (unless one is there) so that `rgchat run` and `rgchat serve` take it."""
     model, weights = random_weights(shape, precision, seed)
     layout = {n: (t.dtype, tuple(t.shape)) for n, t in weights.items()}
     metadata = {"name": f"random-{shape}", "config": json.dumps(model.config.to_dict()), "precision": precision,
                 "source": json.dumps({"kind": "random", "seed": seed}), "rgchat_version": __version__}
     modelfile.write(path, layout, metadata, weights.items())
+    tokenizer = path.parent / TOKENIZER_FILE
+    if not tokenizer.exists():
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=path.parent) as folder:
+            os.replace(train_tokenizer(Path(folder)), tokenizer)
     return path
