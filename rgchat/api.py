@@ -9,9 +9,10 @@ import json
 import secrets
 import time
 
-from rgchat.settings import DEFAULTS, MAX_STOPS, SettingError, Settings
+from rgchat.settings import DEFAULTS, SettingError, Settings
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOPS = 4  # as OpenAI; the chat's own limit is higher, but here every slot waits for each check
 
 
 class ApiError(Exception):
@@ -85,7 +86,7 @@ def parse_completion(body: dict) -> Call:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise bad("prompt", "prompt must be a non-empty string (one prompt per request)")
-    return _call(body, messages=None, prompt=prompt)
+    return _call(body, messages=None, prompt=_text(prompt, "prompt"))
 
 
 def _message(i: int, message) -> tuple[str, str]:
@@ -101,16 +102,25 @@ def _message(i: int, message) -> tuple[str, str]:
             raise bad(f"{where}.{field}", f"{where}.{field} is not supported")
     content = message.get("content")
     if isinstance(content, str):
-        return ROLES[role], content
+        return ROLES[role], _text(content, f"{where}.content")
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise bad(f"{where}.content[{j}]", f"{where}.content[{j}] must be a text part "
                                                    '({"type": "text", "text": ...}); images and audio are not supported')
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}.content[{j}]"))
         return ROLES[role], "".join(texts)
     raise bad(f"{where}.content", f"{where}.content must be a string or a list of text parts")
+
+
+def _text(text: str, param: str) -> str:
+    """`text` if it is valid Unicode: JSON can spell a lone surrogate (\\ud800), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(param, f"{param} is not valid Unicode (it holds a lone surrogate)") from None
+    return text
 
 
 def _call(body: dict, messages, prompt) -> Call:

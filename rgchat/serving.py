@@ -151,11 +151,15 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """End every answer (cancelled), stop the thread and finish the cache's disk writes."""
+    def begin_stop(self) -> None:
+        """Admit nothing more: answers in progress end as cancelled, queued jobs get 503."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
+
+    def stop(self) -> None:
+        """`begin_stop`, then wait for the thread and finish the cache's disk writes."""
+        self.begin_stop()
         if not self.ready.is_set():  # still loading: the thread is a daemon, it ends with the process
             return
         self._thread.join()
@@ -168,6 +172,8 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         with self._wake:
+            if len(self._pending) >= self.queue_limit:  # first make room that clients who left hold
+                self._pending = deque(j for j in self._pending if not j.cancel.is_set())
             if len(self._pending) >= self.queue_limit:
                 raise QueueFull
             self._pending.append(job)
@@ -192,8 +198,10 @@ class Worker:
                 if self._stopping:
                     break
             self._answer()
-        for job in self._pending:
-            job.deliver(ApiError(503, "the server is shutting down"))
+        with self._wake:
+            for job in self._pending:
+                job.deliver(ApiError(503, "the server is shutting down"))
+            self._pending.clear()
 
     def _answer(self) -> None:
         """Run the decode loop until no job is left (new ones join it as slots free up)."""
@@ -214,41 +222,47 @@ class Worker:
             self.active.clear()
 
     def _arrivals(self) -> list[Request]:
-        """Queued jobs that fit in the free slots (a job whose client left meanwhile is dropped)."""
+        """Queued jobs that fit in the free slots (a job whose client left meanwhile is dropped). The queue's
+        lock is held only to take them: the HTTP side submits under it."""
         if self._stopping:
             for job, _, _ in self.active.values():
                 job.cancel.set()
             return []
-        joining = []
         with self._wake:
-            while self._pending and self.engine.free:
+            taken = []
+            while self._pending and len(taken) < len(self.engine.free):
                 job = self._pending.popleft()
-                if job.cancel.is_set():
-                    continue
-                try:
-                    slot = self.engine.admit(job.snapshot.state if job.snapshot else None)
-                except ValueError as e:  # a snapshot that does not fit this engine (cannot come from its cache)
-                    job.deliver(ApiError(500, f"cannot resume the conversation ({e})"))
-                    continue
-                tok = self.loaded.tokenizer
-                request = Request(slot, job.prompt, Sampler(job.call.settings), tok, job.stop_ids, job.close_ids,
-                                  deque(job.recent, maxlen=REPEAT_WINDOW), job.cancel)
-                self.active[slot] = (job, request, [])
-                self.metrics.prompt_tokens += job.prompt_tokens
-                self.metrics.cached_tokens += job.cached_tokens
-                joining.append(request)
-        return joining
+                if not job.cancel.is_set():
+                    taken.append(job)
+        return [r for r in map(self._admit, taken) if r is not None]
+
+    def _admit(self, job: Job) -> Request | None:
+        """The job in a slot of its own, or None (and an error for it alone) if it cannot be."""
+        slot = None
+        try:
+            slot = self.engine.admit(job.snapshot.state if job.snapshot else None)
+            request = Request(slot, job.prompt, Sampler(job.call.settings), self.loaded.tokenizer, job.stop_ids,
+                              job.close_ids, deque(job.recent, maxlen=REPEAT_WINDOW), job.cancel)
+        except Exception as e:  # noqa: BLE001 - e.g. a snapshot that does not fit this engine
+            if slot is not None:
+                self.engine.release(slot)
+            job.deliver(ApiError(500, f"cannot start the answer ({type(e).__name__}: {e})"))
+            return None
+        self.active[slot] = (job, request, [])
+        self.metrics.prompt_tokens += job.prompt_tokens
+        self.metrics.cached_tokens += job.cached_tokens
+        return request
 
     def _finish(self, slot: int, finish: Finish) -> None:
         """Free the slot; keep the conversation, answer included, unless the answer was cut short."""
         job, request, pieces = self.active.pop(slot)
-        state = self.engine.release(slot)
         self.metrics.generated_tokens += len(request.answer)
-        if self.cache is None or job.key is None or finish.reason not in ("stop", "length") or not request.closed:
-            return
-        answer = "".join(pieces)
-        turns = job.turns + [Turn("model", answer, request.answer + job.close_ids)]
         try:
+            state = self.engine.release(slot)
+            if self.cache is None or job.key is None or finish.reason not in ("stop", "length") or not request.closed:
+                return
+            answer = "".join(pieces)
+            turns = job.turns + [Turn("model", answer, request.answer + job.close_ids)]
             self.cache.put(next_key(job.key, "assistant", answer),
                            Snapshot(state.to("cpu"), list(request.recent), turns, system=job.system))
         except Exception as e:  # noqa: BLE001 - the answer stands; only its follow-up will read more

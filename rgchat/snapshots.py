@@ -4,8 +4,9 @@ follow-up request resumes it and reads only what is new.
 A key names one model (its identity) and one list of messages, the answer included exactly as it was
 returned: `message_keys` chains them, so the keys of every prefix of a request come out of one pass and the
 longest cached prefix is found by looking them up from the end. Entries live in memory (least recently used
-evicted beyond a byte budget) and are written, by a thread of their own, to state files in a folder
-(`KEY.state`, oldest evicted beyond a byte budget), so a restarted server resumes them. A file that is
+evicted beyond a byte budget) and are written, by a thread of their own, to state files in a folder of the
+model's own (`FOLDER/MODEL/KEY.state`, the least recently used evicted beyond a byte budget), so a
+restarted server resumes them. A file that is
 damaged, of another model or of another key is deleted with one log line, never used.
 """
 
@@ -84,7 +85,8 @@ class SnapshotCache:
         self.identity, self.config, self.log = identity, config, log
         self.root = model_key(identity)
         self.memory_bytes, self.disk_bytes = memory_bytes, disk_bytes
-        self.folder = folder if folder is not None and disk_bytes > 0 else None
+        # each model its own subfolder: one model's snapshots never count against another's budget
+        self.folder = folder / self.root[:16] if folder is not None and disk_bytes > 0 else None
         self.hits = self.misses = 0
         self._lock = threading.Lock()
         self._memory: OrderedDict[str, Snapshot] = OrderedDict()
@@ -112,10 +114,16 @@ class SnapshotCache:
 
     def get(self, key: str) -> Snapshot | None:
         with self._lock:
+            on_disk = key in self._disk
+            if on_disk:
+                self._disk.move_to_end(key)
             if key in self._memory:
                 self._memory.move_to_end(key)
-                return self._memory[key]
-            on_disk = key in self._disk
+                found = self._memory[key]
+        if key in self._memory:
+            if on_disk:
+                self._touch(key)
+            return found
         if not on_disk:
             return None
         snapshot = self._read(key)
@@ -133,11 +141,7 @@ class SnapshotCache:
             self.log(f"rgchat: cache: dropped {path.name}: {e}")
             self._forget_file(key)
             return None
-        with self._lock:
-            if key in self._disk:
-                self._disk.move_to_end(key)
-        with contextlib.suppress(OSError):
-            os.utime(path)  # the oldest files go first, also after a restart
+        self._touch(key)
         return Snapshot(saved.state, saved.recent, saved.transcript, saved.template, saved.system)
 
     # --- storing -------------------------------------------------------------------------------------------
@@ -213,6 +217,11 @@ class SnapshotCache:
             raise RGChatError(f"{self.folder}: cannot use it as the snapshot cache ({e.strerror or e})") from None
         for _, key, size in sorted(entries):
             self._disk[key] = size
+
+    def _touch(self, key: str) -> None:
+        """Mark the file used now: the least recently used go first, also after a restart."""
+        with contextlib.suppress(OSError):
+            os.utime(self._path(key))
 
     def _forget_file(self, key: str) -> None:
         with self._lock:

@@ -73,8 +73,8 @@ def running(model_file: Path, cache_dir: Path | None = None, *, slots: int = 4, 
     worker = Worker(load, slots, queue, make_cache, log)
     service = server.Service(worker, api_key, max_prompt_tokens, log)
     sock = server.bind("127.0.0.1", 0)
-    uv = uvicorn.Server(uvicorn.Config(server.create_app(service), log_level="warning", access_log=False,
-                                       lifespan="off"))
+    uv = server.Uvicorn(uvicorn.Config(server.create_app(service), log_level="warning", access_log=False,
+                                       lifespan="off"), on_shutdown=worker.begin_stop)
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     worker.start()
     thread.start()
@@ -211,7 +211,7 @@ def test_a_client_that_drops_a_stream_frees_its_slot_and_is_not_cached(srv):
                 break
     assert wait_for(lambda: srv.metric("rgchat_active_slots") == 0)
     assert srv.metric("rgchat_generated_tokens_total") - generated < 150  # left running, it would make 3000
-    assert any("/v1/completions 200" in line and "client went away" in line for line in srv.lines)
+    assert wait_for(lambda: any("/v1/completions 200" in line and "client went away" in line for line in srv.lines))
 
     # a chat answer cut off by its client: the follow-up quoting what it saw finds no snapshot
     messages = [{"role": "user", "content": "Über café naïve"}]
@@ -238,8 +238,8 @@ def test_the_cache_survives_a_restart_and_a_damaged_file_is_dropped(model_file, 
     messages = [{"role": "user", "content": "Hello there"}]
     with running(model_file, tmp_path) as first:
         answer, _ = ask(first.client(), messages)
-        wait_for(lambda: list(tmp_path.glob("*.state")))  # written by the cache's own thread
-        files = list(tmp_path.glob("*.state"))
+        wait_for(lambda: list(tmp_path.glob("*/*.state")))  # written by the cache's own thread
+        files = list(tmp_path.glob("*/*.state"))
         follow = messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
         in_memory, _ = ask(first.client(), follow)
     assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o600
@@ -279,7 +279,7 @@ USER = [{"role": "user", "content": "Hi"}]
     ({"messages": USER, "max_completion_tokens": -1}, "max_completion_tokens", 400),
     ({"messages": USER, "seed": -1}, "seed", 400),
     ({"messages": USER, "stop": [1, 2]}, "stop", 400),
-    ({"messages": USER, "stop": ["x"] * 65}, "stop", 400),
+    ({"messages": USER, "stop": ["x"] * 5}, "stop", 400),
     ({"messages": USER, "stream": "yes"}, "stream", 400),
     ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options", 400),
     ({"messages": []}, "messages", 400),
@@ -305,7 +305,8 @@ def test_bad_requests_get_openai_errors(srv, body, param, status):
 
 
 def test_bad_bodies_and_routes(srv):
-    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe{}", b"", b"[" * 100_000 + b"]" * 100_000):
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe{}", b"", b"[" * 100_000 + b"]" * 100_000,
+                b'{"messages": [{"role": "user", "content": "\\ud800"}]}'):
         r = bad(srv, None, raw=raw)
         assert r.status_code == 400 and "error" in r.json(), raw[:20]
     huge = json.dumps({"messages": [{"role": "user", "content": "x" * (5 << 20)}]}).encode()
@@ -413,9 +414,15 @@ def test_serve_binds_loopback_by_default_and_stops_on_a_signal(model_file, tmp_p
                 break
         assert url is not None and url.startswith("http://127.0.0.1:")
         answer, _ = ask(openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0), USER)
-        proc.send_signal(stop)
+        body = {"prompt": "The quick brown", "stream": True, "temperature": 0, "max_tokens": 100_000}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            proc.send_signal(stop)  # an answer in progress ends with an error event, then [DONE]
+            rest = [line for line in lines if line]
+        assert "shutting down" in rest[-2] and rest[-1] == "data: [DONE]"
         assert proc.wait(20) == 0
-        assert len(list(tmp_path.glob("*.state"))) == 1  # the snapshot reached the disk before the exit
+        assert len(list(tmp_path.glob("*/*.state"))) == 1  # the snapshot reached the disk before the exit
     finally:
         proc.kill()
         proc.wait()
@@ -446,3 +453,18 @@ def test_the_load_benchmark_runs_against_a_server(srv):
     assert turn["cold"]["cached_tokens"] == 0 and turn["cold"]["prompt_tokens"] > turn["conversation_tokens"]
     together = server_load.concurrent(client, 3, max_tokens=8)
     assert together["clients"] == 3 and together["generated_tokens"] <= 24 and together["tok_s"] > 0
+
+
+def test_a_bug_in_a_handler_is_a_500_in_openai_shape_and_one_log_line(srv, monkeypatch):
+    from rgchat import serving
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(serving, "prepare", broken)
+    r = bad(srv, {"messages": USER})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert wait_for(lambda: any(line.startswith("rgchat: error: POST /v1/chat/completions: RuntimeError: a bug")
+                                for line in srv.lines))  # logged once the response is out
+    monkeypatch.undo()
+    assert ask(srv.client(), USER)[0]

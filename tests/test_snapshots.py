@@ -57,8 +57,10 @@ def test_snapshots_survive_on_disk_and_the_oldest_go_first(tmp_path):
     first = cache(tmp_path)
     first.put("a" * 64, snapshot(3, 1.0))
     first.close()
-    size = (tmp_path / f"{'a' * 64}.state").stat().st_size
-    (tmp_path / "notes.txt").write_text("left alone")
+    folder = first.folder
+    assert folder.parent == tmp_path  # a subfolder per model
+    size = (folder / f"{'a' * 64}.state").stat().st_size
+    (folder / "notes.txt").write_text("left alone")
     later = cache(tmp_path, memory=0, disk=2 * size + size // 2)
     got = later.get("a" * 64)
     assert got is not None and got.state.pos == 3 and got.recent == [5, 6]
@@ -66,7 +68,7 @@ def test_snapshots_survive_on_disk_and_the_oldest_go_first(tmp_path):
     later.put("b" * 64, snapshot(3, 2.0))
     later.put("c" * 64, snapshot(3, 3.0))
     later.close()
-    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     assert names == ["b" * 64 + ".state", "c" * 64 + ".state", "notes.txt"]
     assert later.disk_used == 2 * size
 
@@ -78,15 +80,18 @@ def test_a_bad_file_is_dropped_with_one_line(tmp_path, damage):
                            CYCLES, 1 << 30, tmp_path, 1 << 30, lambda _: None)
     writer.put(key, snapshot(3, 1.0))
     writer.close()
-    path = tmp_path / f"{key}.state"
+    folder = cache(tmp_path).folder
+    if damage == "foreign":  # another model's file, put where this model's go
+        os.rename(writer.folder / f"{key}.state", folder / f"{key}.state")
+    path = folder / f"{key}.state"
     data = path.read_bytes()
     if damage == "flip":
         path.write_bytes(data[:-50] + bytes([data[-50] ^ 1]) + data[-49:])
     elif damage == "truncate":
         path.write_bytes(data[:len(data) // 2])
     elif damage == "renamed":
-        os.rename(path, tmp_path / f"{other}.state")
-        path, key = tmp_path / f"{other}.state", other
+        os.rename(path, folder / f"{other}.state")
+        path, key = folder / f"{other}.state", other
     lines = []
     c = cache(tmp_path, memory=0, log=lines.append)
     assert c.get(key) is None
@@ -96,13 +101,17 @@ def test_a_bad_file_is_dropped_with_one_line(tmp_path, damage):
 
 def test_a_restart_keeps_the_disk_order(tmp_path):
     c = cache(tmp_path)
-    for key in "ab":
+    for key in "abd":
         c.put(key * 64, snapshot(3, 1.0))
     c.close()
+    folder = c.folder
     old = time.time() - 100
-    os.utime(tmp_path / f"{'b' * 64}.state", (old, old))  # b is now the oldest
-    size = (tmp_path / f"{'a' * 64}.state").stat().st_size
-    c = cache(tmp_path, disk=2 * size + size // 2)
+    os.utime(folder / f"{'b' * 64}.state", (old, old))  # b is now the oldest
+    os.utime(folder / f"{'a' * 64}.state", (old - 1, old - 1))  # and a older still, but used below
+    size = (folder / f"{'a' * 64}.state").stat().st_size
+    c = cache(tmp_path, disk=3 * size + size // 2)
+    assert c.get("a" * 64) is not None  # read from disk: now the most recent
+    assert c.get("a" * 64) is not None  # a memory hit refreshes the file too
     c.put("c" * 64, snapshot(3, 1.0))
     c.close()
-    assert not (tmp_path / f"{'b' * 64}.state").exists() and (tmp_path / f"{'a' * 64}.state").exists()
+    assert not (folder / f"{'b' * 64}.state").exists() and (folder / f"{'a' * 64}.state").exists()
