@@ -54,13 +54,13 @@ def long_run(engine: Engine, device: torch.device, n: int, seed: int = 0) -> lis
     return records
 
 
-def prefill_sweep(model: Griffin, device: torch.device, lengths: tuple[int, ...] = PREFILL_SWEEP,
+def prefill_sweep(model: Griffin, device: torch.device, lengths: tuple[int, ...] | None = None,
                   seed: int = 0) -> list[dict]:
     """Prefill speed at several prompt lengths (each from an empty state), to show the cost per token of
     chunked prefill staying flat."""
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    for n in lengths:
+    for n in lengths or PREFILL_SWEEP:
         prompt = torch.randint(0, model.config.vocab_size, (n,), generator=gen)
         state = model.new_state()
         synchronize(device)
