@@ -70,10 +70,11 @@ class Snapshot:
     transcript: list[Turn]
     template: bool = True
     system: str | None = None
+    nbytes: int = dataclasses.field(init=False)  # what it holds in memory: the transcript grows with length
 
-    @property
-    def nbytes(self) -> int:
-        return self.state.nbytes
+    def __post_init__(self) -> None:
+        held = sum(36 * len(turn.ids) + len(turn.text) for turn in self.transcript)  # a Python int and its slot
+        self.nbytes = self.state.nbytes + held
 
 
 class SnapshotCache:

@@ -41,6 +41,7 @@ def test_keys_chain_messages_and_name_the_model():
 
 def test_memory_is_an_lru_within_its_budget():
     one = snapshot(3, 1.0).nbytes
+    assert one > snapshot(3, 1.0).state.nbytes  # the transcript counts too
     c = cache(None, memory=2 * one)
     for i, key in enumerate("abc"):
         c.put(key * 64, snapshot(3, float(i)))
