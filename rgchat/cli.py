@@ -427,7 +427,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(envvar="RGCHAT_API_KEY", show_envvar=True,
                                                    help="Require Authorization: Bearer KEY.")] = None,
     parallel: Annotated[Optional[int], typer.Option(min=1, max=64, help="Conversations decoded together "
-                                                                        "(by default 4 on CPU, 8 on CUDA).")] = None,
+                                                                        "(by default 4 on CPU, 8 on CUDA, 2 on MPS).")] = None,
     queue: Annotated[int, typer.Option(min=1, max=100_000, help="Requests that may wait for a slot; "
                                                                 "more get 429.")] = 64,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Most new prompt tokens one request may "
