@@ -87,7 +87,7 @@ def _conversation(messages: tuple[tuple[str, str], ...]) -> tuple[str | None, li
     """The system text (system messages before the first user message) and the turns, which must alternate
     user, assistant, ..., user, as Gemma's template does."""
     systems = []
-    for i, (role, text) in enumerate(messages):
+    for role, text in messages:
         if role != "system":
             break
         systems.append(text)

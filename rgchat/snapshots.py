@@ -118,10 +118,10 @@ class SnapshotCache:
             on_disk = key in self._disk
             if on_disk:
                 self._disk.move_to_end(key)
-            if key in self._memory:
+            found = self._memory.get(key)
+            if found is not None:
                 self._memory.move_to_end(key)
-                found = self._memory[key]
-        if key in self._memory:
+        if found is not None:
             if on_disk:
                 self._touch(key)
             return found

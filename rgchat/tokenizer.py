@@ -52,16 +52,19 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds(ids)
 
-    def chat_prompt(self, text: str) -> list[int]:
-        """One user turn asking for an answer, in Gemma's template (without BOS)."""
+    def _require_markers(self) -> None:
         if self.start_of_turn_id is None or self.end_of_turn_id is None:
             raise RGChatError("this tokenizer has no <start_of_turn>/<end_of_turn> tokens: use --raw")
+
+    def chat_prompt(self, text: str) -> list[int]:
+        """One user turn asking for an answer, in Gemma's template (without BOS)."""
+        self._require_markers()
         sot, eot = self.start_of_turn_id, self.end_of_turn_id
         return [sot, *self.encode("user\n" + text), eot, *self.encode("\n"), sot, *self.encode("model\n")]
 
     def end_of_turn(self) -> list[int]:
         """What closes a turn in Gemma's template (`<end_of_turn>\n`): fed after every answer."""
-        self.chat_prompt("")  # raises the clear error for a tokenizer without the markers
+        self._require_markers()
         return [self.end_of_turn_id, *self.encode("\n")]
 
 
