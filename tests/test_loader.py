@@ -22,10 +22,15 @@ def test_unknown_models_are_refused(tmp_path):
         remove("nothing-here")
 
 
+def converted(tmp_path, tokenizer_path, seed: int, name: str = "tiny"):
+    """A tiny checkpoint folder resolved (converted into the store) once: (source, model file, log lines)."""
+    source = write_hf_folder(tiny_model(CYCLES, seed=seed), tmp_path / name, tokenizer_path)
+    said: list[str] = []
+    return source, resolve(str(source), "int8", log=said.append), said
+
+
 def test_a_replaced_tokenizer_is_noticed(tmp_path, tokenizer_path):
-    source = write_hf_folder(tiny_model(CYCLES, seed=73), tmp_path / "tiny-it", tokenizer_path)
-    said = []
-    path = resolve(str(source), "int8", log=said.append)
+    source, path, said = converted(tmp_path, tokenizer_path, 73, "tiny-it")
     tokenizer = source / "tokenizer.model"
     before = tokenizer.stat().st_mtime_ns
     other_tokenizer(tokenizer_path, tokenizer)
@@ -39,9 +44,7 @@ def test_a_replaced_tokenizer_is_noticed(tmp_path, tokenizer_path):
 
 
 def test_a_damaged_entry_is_converted_again(tmp_path, tokenizer_path):
-    source = write_hf_folder(tiny_model(CYCLES, seed=75), tmp_path / "tiny", tokenizer_path)
-    said = []
-    path = resolve(str(source), "int8", log=said.append)
+    source, path, said = converted(tmp_path, tokenizer_path, 75)
     good = path.read_bytes()
     loader.load_file(path)  # verified once: FILE.verified remembers it
     assert (path.parent / "model.safetensors.verified").is_file()
@@ -57,8 +60,7 @@ def test_a_damaged_entry_is_converted_again(tmp_path, tokenizer_path):
 
 
 def test_verify_finds_damage_that_loading_skips(tmp_path, tokenizer_path):
-    source = write_hf_folder(tiny_model(CYCLES, seed=76), tmp_path / "tiny", tokenizer_path)
-    path = resolve(str(source), "int8", log=lambda line: None)
+    _, path, _ = converted(tmp_path, tokenizer_path, 76)
     lines = dict(verify("tiny-int8"))
     n = len(modelfile.open_file(path).entries)
     assert lines == {"file": str(path), "tensors": f"{n} match their sha256", "tokenizer": "matches its sha256"}
@@ -75,17 +77,14 @@ def test_verify_finds_damage_that_loading_skips(tmp_path, tokenizer_path):
 
 
 def test_verify_notices_a_swapped_tokenizer(tmp_path, tokenizer_path):
-    source = write_hf_folder(tiny_model(CYCLES, seed=85), tmp_path / "tiny", tokenizer_path)
-    path = resolve(str(source), "int8", log=lambda line: None)
+    _, path, _ = converted(tmp_path, tokenizer_path, 85)
     other_tokenizer(tokenizer_path, path.parent / "tokenizer.model")
     with pytest.raises(RGChatError, match="not the tokenizer .* was converted with"):
         verify("tiny-int8")
 
 
 def test_an_entry_with_the_wrong_tokenizer_is_converted_again(tmp_path, tokenizer_path):
-    source = write_hf_folder(tiny_model(CYCLES, seed=88), tmp_path / "tiny", tokenizer_path)
-    said = []
-    path = resolve(str(source), "int8", log=said.append)
+    source, path, said = converted(tmp_path, tokenizer_path, 88)
     other_tokenizer(tokenizer_path, path.parent / "tokenizer.model")
     assert resolve(str(source), "int8", log=said.append) == path
     assert converting(said) == 2
