@@ -1,34 +1,39 @@
-"""Builds the native CPU scan (kernels/rglru_scan.c). The build is optional: without a C compiler rgchat
-installs anyway and falls back to the PyTorch scan."""
+"""Builds the native CPU kernels (kernels/*.c). The build is optional: without a C compiler rgchat installs
+anyway and falls back to PyTorch's scan and matrix products."""
 
 import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# No -ffast-math: it would reassociate the carefully ordered float arithmetic of the kernel.
+# No -ffast-math: it would reassociate the carefully ordered float arithmetic of the kernels.
 FAST_FLAGS = ["-O3", "-fno-math-errno", "-march=native", "-mprefer-vector-width=512"]
 SAFE_FLAGS = ["-O3", "-fno-math-errno"]
+LINK = ["-lm", "-lpthread"] if sys.platform != "win32" else []
 
 
 class OptionalFastBuild(build_ext):
-    """Try the flags for this CPU's widest vectors first, then portable ones, then give up quietly."""
+    """Try each extension's flag sets in turn (widest vectors first), then give up quietly."""
 
     def build_extension(self, ext):
-        for flags in (FAST_FLAGS, SAFE_FLAGS):
+        for flags in ext.flag_sets:
             ext.extra_compile_args = flags
             try:
                 return super().build_extension(ext)
             except Exception as e:  # compiler missing or flag refused
                 print(f"rgchat: building {ext.name} with {' '.join(flags)} failed: {e}", file=sys.stderr)
-        print("rgchat: native scan not built; the PyTorch scan will be used", file=sys.stderr)
+        print(f"rgchat: {ext.name} not built; PyTorch's version will be used", file=sys.stderr)
 
 
-native_scan = Extension(
-    "rgchat.kernels._rglru",
-    sources=["kernels/rglru_scan.c"],
-    extra_link_args=["-lm", "-lpthread"] if sys.platform != "win32" else [],
-    optional=True,
-)
+def kernel(name: str, source: str, flag_sets: list[list[str]]) -> Extension:
+    ext = Extension(name, sources=[source], extra_link_args=LINK, optional=True)
+    ext.flag_sets = flag_sets
+    return ext
 
-setup(ext_modules=[native_scan], cmdclass={"build_ext": OptionalFastBuild})
+
+native_scan = kernel("rgchat.kernels._rglru", "kernels/rglru_scan.c", [FAST_FLAGS, SAFE_FLAGS])
+# The matrix products pick their instruction set at run time (every path is tested by forcing it), so they
+# are built for any CPU of the architecture.
+native_gemv = kernel("rgchat.kernels._gemv", "kernels/gemv.c", [SAFE_FLAGS])
+
+setup(ext_modules=[native_scan, native_gemv], cmdclass={"build_ext": OptionalFastBuild})

@@ -9,7 +9,7 @@ import sys
 import torch
 
 import rgchat
-from rgchat import scan
+from rgchat import gemv, scan
 from rgchat.errors import RGChatError
 
 
@@ -42,6 +42,12 @@ def report() -> list[tuple[str, str]]:
             lines.append((f"scan ({device})", f"{backend.name} ({backend.detail})"))
         except RGChatError as e:
             lines.append((f"scan ({device})", f"error: {e}"))
+    try:
+        kernels = gemv.cpu_kernels()
+        products = f"native ({kernels.detail()})" if kernels else "torch (native library not loaded)"
+        lines.append(("matrix products (cpu)", products))
+    except RGChatError as e:
+        lines.append(("matrix products (cpu)", f"error: {e}"))
     try:
         lines.append(("model store", str(store_dir())))
     except RGChatError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from rgchat import gemv
 from rgchat.errors import RGChatError
 from rgchat.model import Griffin
 from rgchat.state import State
@@ -87,4 +88,7 @@ class Engine:
             graphs = [self.captured.runner(self.model, s) for s in states]
             if all(g is not None for g in graphs):
                 return torch.stack([g(t, s) for g, t, s in zip(graphs, tokens, states, strict=True)])
-        return self.model.decode(torch.tensor(tokens, dtype=torch.long), states)
+        if self.model.device.type != "cpu":
+            return self.model.decode(torch.tensor(tokens, dtype=torch.long), states)
+        with gemv.owning_the_cores():
+            return self.model.decode(torch.tensor(tokens, dtype=torch.long), states)

@@ -19,7 +19,8 @@ from rgchat import hub, modelfile
 from rgchat.checkpoint import Checkpoint, convert
 from rgchat.errors import RGChatError
 from rgchat.model import Griffin, ready_for_device_
-from rgchat.quant import DEFAULT_PRECISION, check_precision, dtype_of, packed_tensors, swap_modules_
+from rgchat.quant import (DEFAULT_PRECISION, check_precision, dtype_of, int4_runs_native, packed_tensors,
+                          swap_modules_)
 from rgchat.store import TOKENIZER_FILE, entry_for, entry_path, model_file, source_name, store_dir
 from rgchat.tokenizer import Tokenizer
 
@@ -138,20 +139,21 @@ def load_file(path: str | Path, device: str = "cpu") -> tuple[Griffin, modelfile
     except RuntimeError as e:
         raise RGChatError(f"{mf.path}: tensors do not match the model it describes ({str(e).splitlines()[0]})")
     cache = mf.path.with_name(f"{mf.path.name}.int4pack-torch-{torch.__version__}")
-    use_cache = precision == "int4" and device == "cpu"
-    packed = _read_pack_cache(cache, mf) if use_cache else None
+    repacks = precision == "int4" and device == "cpu" and not int4_runs_native()
+    packed = _read_pack_cache(cache, mf) if repacks else None
     ready_for_device_(model, packed)
-    if use_cache and packed is None:
+    if repacks and packed is None:
         _write_pack_cache(cache, mf, model)
-    if (device != "cpu" or precision == "int4") and hasattr(mf.buffer, "madvise"):
+    if (device != "cpu" or repacks) and hasattr(mf.buffer, "madvise"):
         # The weights now live in copies (on the device, or repacked), so the file's pages may go; the few
         # rows still read from it (int4 embedding lookups) fault back in from the page cache.
         mf.buffer.madvise(mmap.MADV_DONTNEED)
     return model.eval(), mf
 
 
-# int4 on CPU runs from torch's own packed layout, which depends on the torch version and takes seconds to
-# build for a 2B model, so the packed tensors are cached beside the model file, tied to its exact state.
+# int4 on a CPU without the native kernel runs from torch's own packed layout, which depends on the torch
+# version and takes seconds to build for a 2B model, so the packed tensors are cached beside the model file,
+# tied to its exact state. The native kernel reads the file's own layout.
 PACK_CACHE_FORMAT = "rgchat-int4-pack-cache"
 
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rgchat.config import RECURRENT, GriffinConfig
-from rgchat.quant import Embedding, Linear, fuse_linears, prepare_model_, row_by_row
+from rgchat import gemv
+from rgchat.quant import KERNEL_MAX_ROWS, Embedding, Linear, fuse_linears, prepare_model_, row_by_row
 from rgchat.scan import rglru
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
 
@@ -87,6 +88,27 @@ class RGLRU(nn.Module):
         self.input_gate_bias = _param(heads, block, dtype=dtype, device=device)
         self.recurrent_gate_weight = _param(heads, block, block, dtype=dtype, device=device)
         self.recurrent_gate_bias = _param(heads, block, dtype=dtype, device=device)
+        self.native_gates: tuple | None = None  # (kernels, input gate, recurrent gate) once readied for the CPU
+
+    def ready_native_gates_(self) -> None:
+        """On the CPU, bfloat16 gates of few rows run through the native kernel, which wants each head's
+        block as [out, in] rows: transposed copies (a small part of the weights) beside the originals,
+        which longer chunks still use."""
+        kernels = gemv.cpu_kernels()
+        if kernels and "bf16" in kernels.paths and self.input_gate_weight.dtype == torch.bfloat16:
+            rows = lambda w: w.transpose(1, 2).contiguous().view(-1, w.shape[1])  # noqa: E731
+            self.native_gates = (kernels, rows(self.input_gate_weight), rows(self.recurrent_gate_weight))
+
+    def _gates(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both gates of x [rows, L], before their sigmoid."""
+        if self.native_gates is not None and rows.shape[0] <= KERNEL_MAX_ROWS:
+            kernels, input_gate, recurrent_gate = self.native_gates
+            heads = self.input_gate_weight.shape[0]
+            gate_x, gate_a = kernels.bf16(rows, input_gate, heads), kernels.bf16(rows, recurrent_gate, heads)
+            if gate_x is not None and gate_a is not None:
+                return gate_x + self.input_gate_bias.view(-1), gate_a + self.recurrent_gate_bias.view(-1)
+        return (row_by_row(lambda r: self._gate(r, self.input_gate_weight, self.input_gate_bias), rows),
+                row_by_row(lambda r: self._gate(r, self.recurrent_gate_weight, self.recurrent_gate_bias), rows))
 
     def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # x [rows, L] as xb [heads, rows, block] @ weight [heads, block, block] -> [rows, L], before the sigmoid
@@ -99,8 +121,7 @@ class RGLRU(nn.Module):
         (n = 1 only: a decode step always continues one)."""
         n, T, L = x.shape
         rows = x.reshape(n * T, L)
-        gate_x = row_by_row(lambda r: self._gate(r, self.input_gate_weight, self.input_gate_bias), rows)
-        gate_a = row_by_row(lambda r: self._gate(r, self.recurrent_gate_weight, self.recurrent_gate_bias), rows)
+        gate_x, gate_a = self._gates(rows)
         a_scale = -8.0 * F.softplus(self.recurrent_param.float())
         reset = None
         if at_start:  # a document starts at the first token of this chunk
@@ -395,7 +416,12 @@ def fuse_projections_(model: Griffin) -> Griffin:
 
 def ready_for_device_(model: Griffin, packed: dict[str, torch.Tensor] | None = None) -> Griffin:
     """The last loading step, shared by model files and the bench's random models: quantized weights readied
-    for their device (`prepare_model_`, with int4's cached CPU packing if given), and off the CPU the
-    projections joined (`fuse_projections_`)."""
+    for their device (`prepare_model_`, with int4's cached CPU packing if given); on the CPU the RG-LRU
+    gates readied for the native kernel, elsewhere the projections joined (`fuse_projections_`)."""
     prepare_model_(model, packed)
-    return fuse_projections_(model) if model.device.type != "cpu" else model
+    if model.device.type != "cpu":
+        return fuse_projections_(model)
+    for module in model.modules():
+        if isinstance(module, RGLRU):
+            module.ready_native_gates_()
+    return model

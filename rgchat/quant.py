@@ -5,6 +5,9 @@ f32 and bf16 hold plain weights. int8 stores each matrix as int8 with one bfloat
 INT4_GROUP inputs (asymmetric). Quantized formats run with bfloat16 activations. `swap_modules_` turns a
 model built with plain modules into one with quantized modules (gpt-fast's recipe), so the network code
 never looks at the format.
+
+On the CPU, products of few rows (decode, short chunks) run through the native kernels of rgchat.gemv
+where they are built, and through torch's kernels otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rgchat import gemv
 from rgchat.errors import RGChatError
 
 PRECISIONS = ("f32", "bf16", "int8", "int4")
@@ -52,7 +56,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return row_by_row(lambda rows: F.linear(rows, self.weight, self.bias), x)
+        return linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):
@@ -66,7 +70,18 @@ class Embedding(nn.Module):
         return F.embedding(tokens, self.weight)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return row_by_row(lambda rows: F.linear(rows, self.weight), x)
+        return linear(x, self.weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b) for plain weights: bfloat16 rows on the CPU through the native kernel where it runs,
+    everything else through torch."""
+    rows = x.reshape(-1, x.shape[-1])
+    if (x.device.type == "cpu" and rows.shape[0] <= KERNEL_MAX_ROWS and (kernels := gemv.cpu_kernels())
+            and (out := kernels.bf16(rows, weight)) is not None):
+        out = out.reshape(*x.shape[:-1], weight.shape[0])
+        return out + bias if bias is not None else out
+    return row_by_row(lambda r: F.linear(r, weight, bias), x)
 
 
 # MKL's float32 matrix product on the CPU sums a row's products in an order that depends on how many rows
@@ -110,10 +125,10 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
-# Up to this many rows (decode steps, short prefill chunks) one of torch's integer kernels runs (see
-# `int8_matmul`); beyond it, dequantizing and a dense matmul wins (15360x2560 on a CPU with VNNI: 44 ms each
-# at 64 rows, 86 vs 58 ms at 128).
-INT8_KERNEL_MAX_ROWS = 64
+# Up to this many rows (decode steps, short prefill chunks) the CPU runs a matrix-vector kernel, native or
+# torch's (see `int8_matmul`); beyond it, dequantizing and a dense matmul wins (15360x2560 on a CPU with
+# VNNI: 44 ms each at 64 rows, 86 vs 58 ms at 128).
+KERNEL_MAX_ROWS = 64
 
 
 @functools.cache
@@ -139,10 +154,11 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def _int8_int_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Activation rows times int8 weights, all in integers: each row is quantized to int8 with one scale
     (as llama.cpp's quantized matmuls do), multiplied by torch._int_mm (VNNI on x86), and rescaled. The
-    activation rounding adds about 1% relative error to each product."""
+    activation rounding adds about 1% relative error to each product. The native kernel computes the same
+    numbers."""
     xf = x.float()
     x_scale = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
     xq = torch.round(xf / x_scale).to(torch.int8)
@@ -159,21 +175,30 @@ def _triton_gemv():
     return triton_gemv
 
 
+def _int8_cpu(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """Few rows on the CPU: the native kernel, else torch's integer kernel where it is fast (VNNI; the
+    same numbers), else torch's bfloat16-activation kernel; None where none takes these tensors."""
+    if (kernels := gemv.cpu_kernels()) and (out := kernels.int8(rows, q, scale)) is not None:
+        return out
+    if cpu_has_vnni():
+        return int8_reference(rows, q, scale).to(rows.dtype)
+    if q.data_ptr() % 16 == 0:  # torch's kernel crashes on weights that are not 16-byte aligned
+        return torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), q, scale).to(rows.dtype)
+    return None
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ (q * scale)^T without materialising the float weight when x has few rows.
 
-    On the CPU one kernel serves every row count up to INT8_KERNEL_MAX_ROWS, so a row's result does not
-    depend on how many rows are multiplied with it (conversations decoded together get what they get alone):
-    both kernels accumulate each row on its own, the integer one exactly."""
+    On the CPU one kernel serves every row count up to KERNEL_MAX_ROWS, so a row's result does not depend
+    on how many rows are multiplied with it (conversations decoded together get what they get alone)."""
     rows = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and rows.shape[0] <= INT8_KERNEL_MAX_ROWS and cpu_has_vnni():
-        out = _int8_int_mm(rows, q, scale).to(x.dtype)
-    elif (x.device.type == "cpu" and rows.shape[0] <= INT8_KERNEL_MAX_ROWS
-          and q.data_ptr() % 16 == 0):  # the kernel crashes on weights that are not 16-byte aligned
-        out = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), q, scale).to(x.dtype)
+    out = None
+    if x.device.type == "cpu" and rows.shape[0] <= KERNEL_MAX_ROWS:
+        out = _int8_cpu(rows, q, scale)
     elif x.device.type == "cuda" and rows.shape[0] == 1 and (kernels := _triton_gemv()) is not None:
         out = kernels.int8_gemv(rows, q, scale)
-    else:  # many rows: dequantize (to float32 on a CPU without native bfloat16 products) and multiply
+    if out is None:  # many rows: dequantize (to float32 on a CPU without native bfloat16 products) and multiply
         dtype = torch.float32 if x.device.type == "cpu" and not cpu_has_bf16() else x.dtype
         out = (F.linear(rows.to(dtype), q.to(dtype)) * scale.to(dtype)).to(x.dtype)
     return out.reshape(*x.shape[:-1], q.shape[0])
@@ -247,9 +272,10 @@ _PACK_ROWS = 4096  # torch's CPU int4 packing is local to blocks of 64 rows: pac
 
 
 class _Int4Weight(nn.Module):
-    """int4 storage plus, once `prepare()` ran, what the device's matmul wants: on CPU torch's packed int4
-    layout (bf16 activations, tensors with rows a multiple of 16); on CUDA the stored int4 itself (a Triton
-    kernel reads it for one row, longer inputs dequantize per call); elsewhere a dequantized bf16 copy."""
+    """int4 storage plus, once `prepare()` ran, what the device's matmul wants: on CPU the stored int4 itself
+    for the native kernel, or else torch's packed int4 layout (bf16 activations, tensors with rows a
+    multiple of 16); on CUDA the stored int4 itself (a Triton kernel reads it for one row, longer inputs
+    dequantize per call); elsewhere a dequantized bf16 copy."""
 
     def __init__(self, out_features: int, in_features: int, device=None):
         super().__init__()
@@ -267,7 +293,10 @@ class _Int4Weight(nn.Module):
         """Build the runtime form. Linear layers then drop their stored copy; the embedding keeps it for
         row lookups."""
         rows, half = self.weight.shape
-        if self.weight.device.type == "cpu" and rows % 16 == 0:
+        kernels = gemv.cpu_kernels() if self.weight.device.type == "cpu" else None
+        if kernels and kernels.takes_int4(self.weight, self.scale, self.zero):
+            self.runtime = ("native", self.weight, self.scale, self.zero, kernels)
+        elif self.weight.device.type == "cpu" and rows % 16 == 0:
             step = _PACK_ROWS if rows % 64 == 0 else rows
             values = torch.empty(min(step, rows), half, 2, dtype=torch.int32)  # reused: no fresh pages per slice
             parts = []
@@ -298,7 +327,11 @@ class _Int4Weight(nn.Module):
         if not self.runtime:
             raise RuntimeError("int4 weights used before prepare_model_()")
         rows = x.reshape(-1, x.shape[-1])
-        if self.runtime[0] == "cpu":
+        if self.runtime[0] == "native":
+            out = self.runtime[4].int4(rows, *self.runtime[1:4])
+            if out is None:  # activations the kernel does not take
+                out = F.linear(rows, dequantize_int4(*self.runtime[1:4], rows.dtype))
+        elif self.runtime[0] == "cpu":
             out = torch._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16).contiguous(), self.runtime[1],
                                                     self.group, self.runtime[2]).to(x.dtype)
         elif self.runtime[0] == "cuda":
@@ -408,6 +441,11 @@ def prepare_model_(model: nn.Module, packed: dict[str, torch.Tensor] | None = No
             else:
                 module.prepare()
     return model
+
+
+def int4_runs_native() -> bool:
+    """Whether int4 on this CPU runs through the native kernel, from the stored layout (no repacking)."""
+    return bool((kernels := gemv.cpu_kernels()) and "int4" in kernels.paths)
 
 
 def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import importlib.machinery
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rgchat.errors import RGChatError
+from rgchat.native import library_path
 
 ENV_VAR = "RGCHAT_SCAN"
 
@@ -61,13 +61,7 @@ TORCH_BACKEND = ScanBackend("torch", "PyTorch loop", rglru_torch)
 # --- CPU: the C kernel in kernels/rglru_scan.c, built at install, called through ctypes -------------------
 
 def _find_cpu_library() -> Path:
-    import rgchat.kernels
-
-    folder = Path(rgchat.kernels.__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        if (path := folder / f"_rglru{suffix}").exists():
-            return path
-    raise OSError(f"the compiled kernel is missing from {folder} (was rgchat installed without a C compiler?)")
+    return library_path("_rglru")
 
 
 def _load_cpu_library(path: Path | None = None) -> ctypes.CDLL:

@@ -1,0 +1,675 @@
+/*
+ * Matrix products for decode on the CPU: out[b, n] = sum_k x[b, k] * W[n, k] for 1 to 8 activation rows b
+ * against a weight matrix W [N, K], in the formats rgchat stores:
+ *
+ *   int8  W int8 with one bfloat16 scale per output row. Each activation row is quantized once per product
+ *         to int8 with one float scale (xs = max|x| / 127, xq = round(x / xs)), the int8 pairs are summed
+ *         exactly in int32, and out = (float(sum) * xs) * scale[n]: the same numbers as torch._int_mm on
+ *         the same quantized row, on every path.
+ *   int4  W two 4-bit values q in 0..15 per byte (low nibble first), w = (q - 8) * s + z with a bfloat16
+ *         scale s and zero z per group of inputs. The activations are quantized as for int8; per group the
+ *         integer sums D = sum (q - 8) xq and S = sum xq are exact, and out = xs * sum_g (s_g D_g + z_g S_g).
+ *   bf16  W and x bfloat16, products summed in float32, out rounded to bfloat16.
+ *
+ * Decode is bound by reading W, so each path reads every weight once for all activation rows and keeps
+ * several output rows in flight with independent accumulators. A row's result never depends on how many
+ * rows come with it. Paths: portable C, AVX2 (+FMA), and AVX-512 (VNNI for the integer formats, BF16 for
+ * bfloat16), chosen at run time from the CPU's flags, or forced by the caller (the tests force each).
+ *
+ * Threads: a persistent pool splits the output rows; the calling thread takes the first slice. Plain C
+ * with no Python or torch dependency, called through ctypes; bfloat16 tensors arrive as uint16 bits.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h> /* only for the module stub at the end */
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_X86 1
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AVX512BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define HAVE_X86 0
+#endif
+
+enum { PATH_AUTO = 0, PATH_PORTABLE = 1, PATH_AVX2 = 2, PATH_AVX512 = 3 };
+enum { KIND_INT8 = 0, KIND_INT4 = 1, KIND_BF16 = 2 };
+enum { OK = 0, ERR_ARGS = 1, ERR_PATH = 2, ERR_MEMORY = 3 };
+
+#define MAX_ROWS 8
+#define MAX_K 65536 /* keeps every int32 sum exact: 65536 * 255 * 128 < 2^31 */
+#define MAX_THREADS 64
+
+/* ---- scalar helpers ---------------------------------------------------------------------------------- */
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* ---- one product ------------------------------------------------------------------------------------- */
+
+typedef struct {
+    int kind, path, B, out_bf16;
+    int64_t N, K, group;
+    int group_shift;               /* int4: log2(group / 32) */
+    int64_t rows_per_head, x_stride; /* bf16: each run of rows_per_head rows reads its own K inputs of the
+                                        activation rows (a block-diagonal matrix); x_stride apart */
+    const void *w;                 /* int8 [N, K] | uint8 [N, K/2] | bf16 [N, K] */
+    const uint16_t *scale, *zero;  /* int8: [N]; int4: [N, K/group] */
+    const int8_t *xq;              /* [B, K] quantized rows (int4 SIMD: permuted within each block of 32) */
+    const int32_t *xsum;           /* int8 AVX-512: [B] sum of xq over the vector part */
+    const int32_t *xneg;           /* int4 SIMD: [B, K/32, 8] -8 * sums of xq per 4 consecutive bytes */
+    const float *xgroup;           /* int4: [B, K/group] sum of xq per group, as float */
+    const float *xscale;           /* int8, int4: [B] */
+    const float *xf;               /* bf16 portable and AVX2: [B, K] activations as float */
+    const uint16_t *xb;            /* bf16 AVX-512: [B, K] activations as bfloat16 */
+    void *out;                     /* [B, N], float32 or bfloat16 */
+} job_t;
+
+static inline void store(const job_t *j, int b, int64_t n, float v) {
+    if (j->out_bf16)
+        ((uint16_t *)j->out)[b * j->N + n] = f32_to_bf16(v);
+    else
+        ((float *)j->out)[b * j->N + n] = v;
+}
+
+static inline void store_int8(const job_t *j, int b, int64_t n, int32_t total) {
+    store(j, b, n, ((float)total * j->xscale[b]) * bf16_to_f32(j->scale[n]));
+}
+
+static inline int32_t dot_int8_tail(const int8_t *w, const int8_t *x, int64_t k0, int64_t K) {
+    int32_t s = 0;
+    for (int64_t k = k0; k < K; k++) s += (int32_t)w[k] * x[k];
+    return s;
+}
+
+/* int4 zero-point term of one output row: sum_g z_g S_g, in order (portable and the SIMD tails) */
+static inline float zero_term_tail(const uint16_t *zero, const float *xgroup, int64_t g0, int64_t G) {
+    float s = 0.0f;
+    for (int64_t g = g0; g < G; g++) s += bf16_to_f32(zero[g]) * xgroup[g];
+    return s;
+}
+
+/* ---- portable C -------------------------------------------------------------------------------------- */
+
+static void int8_part_portable(const job_t *j, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++)
+        for (int b = 0; b < j->B; b++)
+            store_int8(j, b, n, dot_int8_tail((const int8_t *)j->w + n * j->K, j->xq + b * j->K, 0, j->K));
+}
+
+static void int4_part_portable(const job_t *j, int64_t n0, int64_t n1) {
+    const int64_t K = j->K, G = K / j->group;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = (const uint8_t *)j->w + n * (K / 2);
+        for (int b = 0; b < j->B; b++) {
+            const int8_t *x = j->xq + b * K;
+            float acc = 0.0f;
+            for (int64_t g = 0; g < G; g++) {
+                int32_t d = 0;
+                for (int64_t k = g * j->group; k < (g + 1) * j->group; k += 2) {
+                    d += ((int32_t)(w[k / 2] & 15) - 8) * x[k];
+                    d += ((int32_t)(w[k / 2] >> 4) - 8) * x[k + 1];
+                }
+                acc += bf16_to_f32(j->scale[n * G + g]) * (float)d;
+            }
+            acc += zero_term_tail(j->zero + n * G, j->xgroup + b * G, 0, G);
+            store(j, b, n, j->xscale[b] * acc);
+        }
+    }
+}
+
+static void bf16_part_portable(const job_t *j, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint16_t *w = (const uint16_t *)j->w + n * j->K;
+        for (int b = 0; b < j->B; b++) {
+            const float *x = j->xf + b * j->x_stride + n / j->rows_per_head * j->K;
+            float acc = 0.0f;
+            for (int64_t k = 0; k < j->K; k++) acc += bf16_to_f32(w[k]) * x[k];
+            store(j, b, n, acc);
+        }
+    }
+}
+
+/* Output rows per pass for B activation rows: R * B independent accumulators, within the 16 vector
+ * registers of AVX2 (AVX-512 has 32 but runs the same blocking). */
+#define PART_LOOP(ROWS_FN, B_)                                                                               \
+    do {                                                                                                     \
+        enum { R_ = (B_) <= 2 ? 4 : (B_) <= 4 ? 2 : 1 };                                                     \
+        for (int64_t n = n0; n < n1;) { /* a pass never spans two heads */                                   \
+            const int64_t head_end = (n / j->rows_per_head + 1) * j->rows_per_head;                          \
+            const int64_t end = head_end < n1 ? head_end : n1;                                               \
+            for (; n + R_ <= end; n += R_) ROWS_FN(j, n, R_, B_);                                            \
+            for (; n < end; n++) ROWS_FN(j, n, 1, B_);                                                       \
+        }                                                                                                    \
+    } while (0)
+
+#define DEFINE_PART(NAME, ROWS_FN, TARGET)                                                                   \
+    TARGET static void NAME(const job_t *j, int64_t n0, int64_t n1) {                                        \
+        switch (j->B) {                                                                                      \
+        case 1: PART_LOOP(ROWS_FN, 1); break;                                                                \
+        case 2: PART_LOOP(ROWS_FN, 2); break;                                                                \
+        case 3: PART_LOOP(ROWS_FN, 3); break;                                                                \
+        case 4: PART_LOOP(ROWS_FN, 4); break;                                                                \
+        case 5: PART_LOOP(ROWS_FN, 5); break;                                                                \
+        case 6: PART_LOOP(ROWS_FN, 6); break;                                                                \
+        case 7: PART_LOOP(ROWS_FN, 7); break;                                                                \
+        default: PART_LOOP(ROWS_FN, 8); break;                                                               \
+        }                                                                                                    \
+    }
+
+#if HAVE_X86
+/* ---- AVX2 -------------------------------------------------------------------------------------------- */
+
+/* Each pass prefetches the rows of the next pass at the same offset: one linear stream ahead of the reads,
+ * where the hardware prefetchers lose time on every short row. */
+
+AVX2 INLINE int32_t hsum_epi32_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+AVX2 INLINE float hsum_ps_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 INLINE __m256 bf16x8_to_f32_avx2(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* int8: |w| times x with w's sign (maddubs multiplies unsigned by signed bytes; pairs stay below 2^15) */
+AVX2 INLINE void int8_rows_avx2(const job_t *j, int64_t n, const int R, const int B) {
+    const int64_t K = j->K, KV = K & ~(int64_t)31;
+    const int8_t *w = (const int8_t *)j->w + n * K;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4][MAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < KV; k += 32) {
+        for (int r = 0; r < R; r++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
+            if ((k & 63) == 0) _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0);
+            const __m256i aw = _mm256_abs_epi8(wv);
+            for (int b = 0; b < B; b++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(j->xq + b * K + k));
+                const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+                acc[r][b] = _mm256_add_epi32(acc[r][b], _mm256_madd_epi16(p, ones));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++)
+            store_int8(j, b, n + r, hsum_epi32_avx2(acc[r][b]) + dot_int8_tail(w + r * K, j->xq + b * K, KV, K));
+}
+DEFINE_PART(int8_part_avx2, int8_rows_avx2, AVX2)
+
+AVX2 INLINE float int4_zero_term_avx2(const job_t *j, int64_t n, int b) {
+    const int64_t G = j->K / j->group, GV = G & ~(int64_t)7;
+    const uint16_t *zero = j->zero + n * G;
+    const float *xg = j->xgroup + b * G;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < GV; g += 8) acc = _mm256_fmadd_ps(bf16x8_to_f32_avx2(zero + g), _mm256_loadu_ps(xg + g), acc);
+    return hsum_ps_avx2(acc) + zero_term_tail(zero, xg, GV, G);
+}
+
+/* int4, two blocks of 32 values (32 packed bytes) a step: the low nibbles hold the even values of both
+ * blocks, the high nibbles the odd ones, and the activations are laid out to match ([even | even] then
+ * [odd | odd], 64 bytes a pair; a last odd block is padded with zeros). Lanes 0-3 of the sums belong to the
+ * first block, 4-7 to the second; each lane holds D = sum q xq - 8 sum xq over its bytes, is scaled by its
+ * block's s and accumulated in float. DOT2(neg, lo, xlo, hi, xhi) gives those lanes. */
+#define INT4_PAIR(DOT2, p, g0, g1, full)                                                                     \
+    for (int r = 0; r < R; r++) {                                                                            \
+        const uint8_t *src = w + r * row + (p) * 32;                                                         \
+        if (((p) & 1) == 0) _mm_prefetch((const char *)(src + R * row), _MM_HINT_T0);                       \
+        const __m256i v = (full) ? _mm256_loadu_si256((const __m256i *)src)                                  \
+                                 : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)src));            \
+        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4); \
+        const __m256 s = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(&scale[r][g0])),       \
+                                              _mm_broadcast_ss(&scale[r][g1]), 1);                           \
+        for (int b = 0; b < B; b++) {                                                                        \
+            const int8_t *x = j->xq + (b * pairs + (p)) * 64;                                                \
+            const __m256i neg = _mm256_loadu_si256((const __m256i *)(j->xneg + (b * pairs + (p)) * 8));      \
+            const __m256i d = DOT2(neg, lo, _mm256_loadu_si256((const __m256i *)x), hi,                      \
+                                   _mm256_loadu_si256((const __m256i *)(x + 32)));                           \
+            acc[r][b] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d), acc[r][b]);                                \
+        }                                                                                                    \
+    }
+
+#define DEFINE_INT4_ROWS(NAME, TARGET, DOT2)                                                                 \
+    TARGET INLINE void NAME(const job_t *j, int64_t n, const int R, const int B) {                           \
+        const int64_t K = j->K, G = K / j->group, KB = K / 32, pairs = (KB + 1) / 2, row = K / 2;            \
+        const int shift = j->group_shift;                                                                    \
+        const uint8_t *w = (const uint8_t *)j->w + n * row;                                                  \
+        const __m256i low4 = _mm256_set1_epi8(15);                                                           \
+        float scale[4][MAX_K / 32];                                                                          \
+        for (int r = 0; r < R; r++) {                                                                        \
+            int64_t g = 0;                                                                                   \
+            for (; g + 8 <= G; g += 8) _mm256_storeu_ps(&scale[r][g], bf16x8_to_f32_avx2(j->scale + (n + r) * G + g)); \
+            for (; g < G; g++) scale[r][g] = bf16_to_f32(j->scale[(n + r) * G + g]);                         \
+        }                                                                                                    \
+        __m256 acc[4][MAX_ROWS];                                                                             \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();                                     \
+        for (int64_t p = 0; p < KB / 2; p++) INT4_PAIR(DOT2, p, (2 * p) >> shift, (2 * p + 1) >> shift, 1);  \
+        if (KB & 1) INT4_PAIR(DOT2, KB / 2, (KB - 1) >> shift, (KB - 1) >> shift, 0);                         \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int b = 0; b < B; b++)                                                                      \
+                store(j, b, n + r, j->xscale[b] * (hsum_ps_avx2(acc[r][b]) + int4_zero_term_avx2(j, n + r, b))); \
+    }
+
+/* maddubs pairs stay far below 2^15 (15 * 127 * 2 twice), so the two halves are summed in int16 first */
+#define DOT2_AVX2(neg, lo, xlo, hi, xhi)                                                                     \
+    _mm256_add_epi32(neg, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo),                  \
+                                                             _mm256_maddubs_epi16(hi, xhi)),                 \
+                                            _mm256_set1_epi16(1)))
+DEFINE_INT4_ROWS(int4_rows_avx2, AVX2, DOT2_AVX2)
+DEFINE_PART(int4_part_avx2, int4_rows_avx2, AVX2)
+
+AVX2 INLINE void bf16_rows_avx2(const job_t *j, int64_t n, const int R, const int B) {
+    const int64_t K = j->K, KV = K & ~(int64_t)7;
+    const uint16_t *w = (const uint16_t *)j->w + n * K;
+    const float *x = j->xf + n / j->rows_per_head * K;
+    const int64_t xs = j->x_stride;
+    __m256 acc[4][MAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < KV; k += 8) {
+        for (int r = 0; r < R; r++) {
+            if ((k & 31) == 0) _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0);
+            const __m256 wv = bf16x8_to_f32_avx2(w + r * K + k);
+            for (int b = 0; b < B; b++) acc[r][b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * xs + k), acc[r][b]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            float tail = 0.0f;
+            for (int64_t k = KV; k < K; k++) tail += bf16_to_f32(w[r * K + k]) * x[b * xs + k];
+            store(j, b, n + r, hsum_ps_avx2(acc[r][b]) + tail);
+        }
+}
+DEFINE_PART(bf16_part_avx2, bf16_rows_avx2, AVX2)
+
+/* ---- AVX-512 ----------------------------------------------------------------------------------------- */
+
+/* int8 with VPDPBUSD (unsigned times signed bytes, summed in int32 without saturation): the weights are
+ * made unsigned by flipping their sign bit (w + 128), and 128 * sum(xq) is taken off at the end. */
+AVX512 INLINE void int8_rows_avx512(const job_t *j, int64_t n, const int R, const int B) {
+    const int64_t K = j->K, KV = K & ~(int64_t)63;
+    const int8_t *w = (const int8_t *)j->w + n * K;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4][MAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < KV; k += 64) {
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0);
+            const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + r * K + k), flip);
+            for (int b = 0; b < B; b++)
+                acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wu, _mm512_loadu_si512(j->xq + b * K + k));
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++)
+            store_int8(j, b, n + r, _mm512_reduce_add_epi32(acc[r][b]) - 128 * j->xsum[b] +
+                                        dot_int8_tail(w + r * K, j->xq + b * K, KV, K));
+}
+DEFINE_PART(int8_part_avx512, int8_rows_avx512, AVX512)
+
+#define DOT2_VNNI(neg, lo, xlo, hi, xhi) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(neg, lo, xlo), hi, xhi)
+DEFINE_INT4_ROWS(int4_rows_avx512, AVX512, DOT2_VNNI)
+DEFINE_PART(int4_part_avx512, int4_rows_avx512, AVX512)
+
+/* bf16 with VDPBF16PS: pairs of bfloat16 products summed into float32 lanes. */
+AVX512BF16 INLINE void bf16_rows_avx512(const job_t *j, int64_t n, const int R, const int B) {
+    const int64_t K = j->K, KV = K & ~(int64_t)31;
+    const uint16_t *w = (const uint16_t *)j->w + n * K;
+    const uint16_t *x = j->xb + n / j->rows_per_head * K;
+    const int64_t xs = j->x_stride;
+    __m512 acc[4][MAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < KV; k += 32) {
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0);
+            const __m512i wv = _mm512_loadu_si512(w + r * K + k);
+            for (int b = 0; b < B; b++)
+                acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x + b * xs + k));
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            float tail = 0.0f;
+            for (int64_t k = KV; k < K; k++) tail += bf16_to_f32(w[r * K + k]) * bf16_to_f32(x[b * xs + k]);
+            store(j, b, n + r, _mm512_reduce_add_ps(acc[r][b]) + tail);
+        }
+}
+DEFINE_PART(bf16_part_avx512, bf16_rows_avx512, AVX512BF16)
+#endif /* HAVE_X86 */
+
+/* ---- dispatch ---------------------------------------------------------------------------------------- */
+
+typedef void (*part_fn)(const job_t *job, int64_t n0, int64_t n1);
+
+static int cpu_runs(int path, int kind) {
+    if (path == PATH_PORTABLE) return 1;
+#if HAVE_X86
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl");
+    if (path == PATH_AVX2) return avx2;
+    if (path == PATH_AVX512)
+        return avx512 && (kind == KIND_BF16 ? __builtin_cpu_supports("avx512bf16") : __builtin_cpu_supports("avx512vnni"));
+#endif
+    (void)kind;
+    return 0;
+}
+
+/* The fastest path this CPU runs for a kind of product (what PATH_AUTO means). */
+int gemv_best_path(int kind) {
+    for (int path = PATH_AVX512; path > PATH_PORTABLE; path--)
+        if (cpu_runs(path, kind)) return path;
+    return PATH_PORTABLE;
+}
+
+int gemv_supported(int path, int kind) { return kind >= 0 && kind <= KIND_BF16 && cpu_runs(path, kind); }
+
+static part_fn part_for(int kind, int path) {
+    static const part_fn portable[] = {int8_part_portable, int4_part_portable, bf16_part_portable};
+#if HAVE_X86
+    static const part_fn avx2[] = {int8_part_avx2, int4_part_avx2, bf16_part_avx2};
+    static const part_fn avx512[] = {int8_part_avx512, int4_part_avx512, bf16_part_avx512};
+    if (path == PATH_AVX2) return avx2[kind];
+    if (path == PATH_AVX512) return avx512[kind];
+#endif
+    return portable[kind];
+}
+
+/* ---- the thread pool --------------------------------------------------------------------------------- */
+
+/* Workers spin this many pauses for the next product before they sleep: the products of one decode step
+ * follow each other closely, and waking a sleeping thread costs more than a product's share of work. */
+#define SPIN_PAUSES 20000
+
+static inline void cpu_relax(void) {
+#if HAVE_X86
+    _mm_pause();
+#endif
+}
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    int workers;               /* started so far: ids 1..workers */
+    atomic_uint generation;    /* bumped once per product */
+    atomic_int pending;        /* workers yet to finish the current product */
+    unsigned start_generation[MAX_THREADS];
+    part_fn fn;
+    const job_t *job;
+    int parts;
+    int64_t n, chunk;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one product at a time, whoever calls */
+
+static void run_slice(int id) {
+    int64_t begin = id * pool.chunk, end = begin + pool.chunk < pool.n ? begin + pool.chunk : pool.n;
+    if (id < pool.parts && begin < end) pool.fn(pool.job, begin, end);
+}
+
+static void *worker(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    unsigned seen = pool.start_generation[id];
+    for (;;) {
+        unsigned now = seen;
+        for (int i = 0; i < SPIN_PAUSES && now == seen; i++) {
+            cpu_relax();
+            now = atomic_load_explicit(&pool.generation, memory_order_acquire);
+        }
+        if (now == seen) {
+            pthread_mutex_lock(&pool.lock);
+            while ((now = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen)
+                pthread_cond_wait(&pool.wake, &pool.lock);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = now;
+        run_slice(id);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* fn over rows [0, n) in up to `threads` slices of a multiple of `align` rows. Every started worker
+ * acknowledges every product, so none can fall a product behind. Call with call_lock held. */
+static void run_parallel(part_fn fn, const job_t *job, int64_t n, int64_t align, int threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    while (pool.workers < threads - 1) {
+        pthread_t thread;
+        int id = pool.workers + 1;
+        pool.start_generation[id] = atomic_load(&pool.generation);
+        if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)id) != 0) break;
+        pthread_detach(thread);
+        pool.workers = id;
+    }
+    if (threads > pool.workers + 1) threads = pool.workers + 1;
+    int64_t blocks = (n + align - 1) / align;
+    int parts = threads < 1 ? 1 : threads < blocks ? threads : (int)blocks;
+    if (parts <= 1) {
+        fn(job, 0, n);
+        return;
+    }
+    pool.fn = fn;
+    pool.job = job;
+    pool.n = n;
+    pool.chunk = (blocks + parts - 1) / parts * align;
+    pool.parts = parts;
+    atomic_store_explicit(&pool.pending, pool.workers, memory_order_relaxed);
+    pthread_mutex_lock(&pool.lock);
+    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    run_slice(0);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
+}
+
+/* ---- activations ------------------------------------------------------------------------------------- */
+
+static struct {
+    void *memory;
+    size_t size;
+} scratch; /* reused between products; guarded by call_lock */
+
+static void *scratch_of(size_t size) {
+    if (size > scratch.size) {
+        void *grown = realloc(scratch.memory, size);
+        if (!grown) return NULL;
+        scratch.memory = grown;
+        scratch.size = size;
+    }
+    return scratch.memory;
+}
+
+/* Row `row` of x to int8 with one scale, exactly as torch computes it: max|x| clamped to 1e-12, divided by
+ * 127; each value divided by that scale and rounded half to even (adding and taking away 1.5 * 2^23 rounds
+ * in the default rounding mode without a call into libm). `f` receives the row as float. Plain loops that
+ * the compiler vectorises. */
+static void quantize_row(const void *x, int x_bf16, int64_t row, int64_t K, float *f, int8_t *xq, float *xscale) {
+    if (x_bf16)
+        for (int64_t k = 0; k < K; k++) f[k] = bf16_to_f32(((const uint16_t *)x)[row * K + k]);
+    else
+        memcpy(f, (const float *)x + row * K, K * sizeof(float));
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        const float a = fabsf(f[k]);
+        amax = a > amax ? a : amax;
+    }
+    const float scale = (amax > 1e-12f ? amax : 1e-12f) / 127.0f, magic = 12582912.0f;
+    for (int64_t k = 0; k < K; k++) {
+        float q = (f[k] / scale + magic) - magic;
+        q = q > 127.0f ? 127.0f : q;          /* only NaN or infinity reach these clamps */
+        xq[k] = (int8_t)(q >= -127.0f ? q : -127.0f);
+    }
+    *xscale = scale;
+}
+
+static int check(int64_t N, int64_t K, int64_t B, int path, int kind) {
+    if (N < 1 || K < 1 || K > MAX_K || B < 1 || B > MAX_ROWS) return ERR_ARGS;
+    if (!gemv_supported(path, kind)) return ERR_PATH;
+    return OK;
+}
+
+/* Returns 0, or ERR_ARGS / ERR_PATH / ERR_MEMORY. x and out are [B, K] and [B, N], float32 (x_bf16 = 0) or
+ * bfloat16 (x_bf16 = 1), the same for both. */
+int gemv_int8(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, const void *x, int x_bf16, int64_t B,
+              void *out, int threads, int path) {
+    if (path == PATH_AUTO) path = gemv_best_path(KIND_INT8);
+    int status = check(N, K, B, path, KIND_INT8);
+    if (status != OK) return status;
+    pthread_mutex_lock(&call_lock);
+    char *mem = scratch_of(K * sizeof(float) + B * K + B * (sizeof(int32_t) + sizeof(float)));
+    if (!mem) {
+        pthread_mutex_unlock(&call_lock);
+        return ERR_MEMORY;
+    }
+    float *f = (float *)mem, *xscale = f + K;
+    int32_t *xsum = (int32_t *)(xscale + B);
+    int8_t *xq = (int8_t *)(xsum + B);
+    const int64_t KV = K & ~(int64_t)63;
+    for (int64_t b = 0; b < B; b++) {
+        quantize_row(x, x_bf16, b, K, f, xq + b * K, xscale + b);
+        xsum[b] = 0;
+        for (int64_t k = 0; k < KV; k++) xsum[b] += xq[b * K + k];
+    }
+    job_t job = {.kind = KIND_INT8, .path = path, .B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .rows_per_head = N, .w = w,
+                 .scale = scale, .xq = xq, .xsum = xsum, .xscale = xscale, .out = out};
+    run_parallel(part_for(KIND_INT8, path), &job, N, 8, threads);
+    pthread_mutex_unlock(&call_lock);
+    return OK;
+}
+
+/* w: uint8 [N, K/2]; scale, zero: bfloat16 [N, K/group]; group 32 times a power of two, dividing K. */
+int gemv_int4(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, int64_t N, int64_t K, int64_t group,
+              const void *x, int x_bf16, int64_t B, void *out, int threads, int path) {
+    if (path == PATH_AUTO) path = gemv_best_path(KIND_INT4);
+    int status = check(N, K, B, path, KIND_INT4);
+    if (status != OK) return status;
+    int shift = 0;
+    while ((32 << shift) < group) shift++;
+    if ((32 << shift) != group || K % group) return ERR_ARGS;
+    const int64_t G = K / group, KB = K / 32, pairs = (KB + 1) / 2;
+    pthread_mutex_lock(&call_lock);
+    char *mem = scratch_of(K * sizeof(float) + B * ((1 + G) * sizeof(float) + pairs * (8 * sizeof(int32_t) + 64) + K));
+    if (!mem) {
+        pthread_mutex_unlock(&call_lock);
+        return ERR_MEMORY;
+    }
+    float *f = (float *)mem, *xscale = f + K, *xgroup = xscale + B;
+    int32_t *xneg = (int32_t *)(xgroup + B * G);
+    int8_t *xq = (int8_t *)(xneg + B * pairs * 8), *plain = xq + B * pairs * 64;
+    for (int64_t b = 0; b < B; b++) {
+        int8_t *row = path == PATH_PORTABLE ? xq + b * K : plain + b * K;
+        quantize_row(x, x_bf16, b, K, f, row, xscale + b);
+        for (int64_t g = 0; g < G; g++) {
+            int32_t s = 0;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) s += row[k];
+            xgroup[b * G + g] = (float)s;
+        }
+        if (path == PATH_PORTABLE) continue;
+        for (int64_t p = 0; p < pairs; p++) { /* the SIMD paths' layout: see DEFINE_INT4_ROWS */
+            int8_t *dst = xq + (b * pairs + p) * 64;
+            memset(dst, 0, 64);
+            for (int half = 0; half < 2 && 2 * p + half < KB; half++) {
+                const int8_t *src = row + (2 * p + half) * 32;
+                for (int i = 0; i < 16; i++) {
+                    dst[16 * half + i] = src[2 * i];
+                    dst[32 + 16 * half + i] = src[2 * i + 1];
+                }
+            }
+            for (int lane = 0; lane < 8; lane++) {
+                int32_t sum = 0;
+                for (int i = 4 * lane; i < 4 * lane + 4; i++) sum += dst[i] + dst[32 + i];
+                xneg[(b * pairs + p) * 8 + lane] = -8 * sum;
+            }
+        }
+    }
+    job_t job = {.kind = KIND_INT4, .path = path, .B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .rows_per_head = N, .group = group,
+                 .group_shift = shift, .w = w, .scale = scale, .zero = zero, .xq = xq, .xneg = xneg, .xgroup = xgroup, .xscale = xscale,
+                 .out = out};
+    run_parallel(part_for(KIND_INT4, path), &job, N, 8, threads);
+    pthread_mutex_unlock(&call_lock);
+    return OK;
+}
+
+/* w, x, out bfloat16: w [N, K], x [B, heads * K], out [B, N]. With heads > 1 the matrix is block-diagonal:
+ * the N / heads rows of head h multiply inputs h * K .. (h + 1) * K of each activation row. */
+int gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t heads, const uint16_t *x, int64_t B, uint16_t *out,
+              int threads, int path) {
+    if (path == PATH_AUTO) path = gemv_best_path(KIND_BF16);
+    int status = check(N, K, B, path, KIND_BF16);
+    if (status != OK) return status;
+    if (heads < 1 || N % heads) return ERR_ARGS;
+    pthread_mutex_lock(&call_lock);
+    const int64_t width = heads * K;
+    float *xf = path == PATH_AVX512 ? NULL : scratch_of(B * width * sizeof(float));
+    if (path != PATH_AVX512 && !xf) {
+        pthread_mutex_unlock(&call_lock);
+        return ERR_MEMORY;
+    }
+    for (int64_t i = 0; xf && i < B * width; i++) xf[i] = bf16_to_f32(x[i]);
+    job_t job = {.kind = KIND_BF16, .path = path, .B = (int)B, .out_bf16 = 1, .N = N, .K = K, .w = w, .xf = xf,
+                 .xb = x, .out = out, .rows_per_head = N / heads, .x_stride = width};
+    run_parallel(part_for(KIND_BF16, path), &job, N, 8, threads);
+    pthread_mutex_unlock(&call_lock);
+    return OK;
+}
+
+/* ---- a plain read, for the benchmark's yardstick ----------------------------------------------------- */
+
+static void read_part(const job_t *j, int64_t begin, int64_t end) { /* rows of 64 bytes, summed as words */
+    const uint64_t *p = (const uint64_t *)j->w;
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t i = begin * 8; i < end * 8; i += 8) {
+        s0 += p[i] ^ p[i + 4];
+        s1 += p[i + 1] ^ p[i + 5];
+        s2 += p[i + 2] ^ p[i + 6];
+        s3 += p[i + 3] ^ p[i + 7];
+    }
+    atomic_fetch_add((_Atomic uint64_t *)j->out, s0 + s1 + s2 + s3); /* keeps the loop from being dropped */
+}
+
+/* Reads n64 * 64 bytes with the same threads as the products; *out gets a checksum. */
+int gemv_read(const void *p, int64_t n64, uint64_t *out, int threads) {
+    if (n64 < 1) return ERR_ARGS;
+    pthread_mutex_lock(&call_lock);
+    job_t job = {.w = p, .out = out};
+    run_parallel(read_part, &job, n64, 1024, threads);
+    pthread_mutex_unlock(&call_lock);
+    return OK;
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gemv", "CPU matrix products (loaded through ctypes)", -1};
+PyMODINIT_FUNC PyInit__gemv(void) { return PyModule_Create(&module); }

@@ -1,0 +1,197 @@
+"""Matrix products for decode on the CPU, through the native kernels of kernels/gemv.c.
+
+int8 and int4 weights multiply activation rows quantized to int8 (one scale a row: the numbers
+`quant.int8_reference` computes with torch._int_mm), bf16 weights multiply bf16 rows; MAX_ROWS rows a call,
+more taken MAX_ROWS at a time. Each row's result is the same whatever rows come with it. The library is
+optional: `cpu_kernels()` is None without it (with one notice on stderr) or with RGCHAT_GEMV=torch, and
+quant.py then uses torch's products. RGCHAT_GEMV=portable|avx2|avx512 forces one path of the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import sys
+
+import torch
+
+from rgchat.errors import RGChatError
+from rgchat.native import library_path
+
+ENV_VAR = "RGCHAT_GEMV"
+PATHS = {"portable": 1, "avx2": 2, "avx512": 3}
+PATH_NAMES = {1: "portable C", 2: "AVX2", 3: "AVX-512"}
+KINDS = {"int8": 0, "int4": 1, "bf16": 2}
+MAX_ROWS = 8  # activation rows one call takes
+MAX_K = 65536  # input width up to which every integer sum is exact
+_ERRORS = {1: "bad arguments", 2: "path not supported by this CPU", 3: "out of memory"}
+
+
+def _find_library():
+    return library_path("_gemv")
+
+
+def _load_library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_find_library()))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signatures = {
+        "gemv_int8": [p, p, i64, i64, p, i32, i64, p, i32, i32],
+        "gemv_int4": [p, p, p, i64, i64, i64, p, i32, i64, p, i32, i32],
+        "gemv_bf16": [p, i64, i64, i64, p, i64, p, i32, i32],
+        "gemv_read": [p, i64, p, i32],
+        "gemv_best_path": [i32],
+        "gemv_supported": [i32, i32],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return lib
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"native {what} kernel failed: {_ERRORS.get(status, status)}")
+
+
+class CpuKernels:
+    """The loaded library with, per kind of product, the path it runs (the best this CPU has, or forced)."""
+
+    def __init__(self, lib: ctypes.CDLL, forced: int | None = None):
+        self.lib = lib
+        self.paths = {kind: forced if forced is not None else lib.gemv_best_path(code)
+                      for kind, code in KINDS.items() if forced is None or lib.gemv_supported(forced, code)}
+        self.owned_threads = 0  # while a step owns the cores (`owning_the_cores`): the products' threads
+
+    def threads(self) -> int:
+        return self.owned_threads or torch.get_num_threads()
+
+    @contextlib.contextmanager
+    def owning_the_cores(self):
+        """Within it, the products run on all of torch's threads and torch's own operations on one: torch's
+        OpenMP threads spin for a while after each operation, and two pools spinning on the same cores
+        slow each other down several times over. For decode steps, whose other operations are small."""
+        threads = torch.get_num_threads()
+        if threads == 1 or self.owned_threads:
+            yield
+            return
+        self.owned_threads = threads
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            self.owned_threads = 0
+
+    def detail(self) -> str:
+        """What runs, for `rgchat doctor`."""
+        kinds = ", ".join(f"{kind} {PATH_NAMES[path]}" for kind, path in self.paths.items())
+        return f"C, {kinds}; {self.threads()} threads"
+
+    def _takes(self, kind: str, x: torch.Tensor, width: int) -> bool:
+        return kind in self.paths and x.device.type == "cpu" and x.dim() == 2 and x.shape[-1] == width <= MAX_K
+
+    def _rows(self, x: torch.Tensor, n: int, dtype: torch.dtype, call) -> torch.Tensor:
+        """call(x_ptr, rows, out_ptr) for each slice of up to MAX_ROWS rows of x [rows, width]."""
+        x = x if x.is_contiguous() else x.contiguous()
+        out = torch.empty(x.shape[0], n, dtype=dtype)
+        x_ptr, out_ptr, rows = x.data_ptr(), out.data_ptr(), x.shape[0]
+        x_step, out_step = x.shape[1] * x.element_size() * MAX_ROWS, n * out.element_size() * MAX_ROWS
+        for i in range(0, rows, MAX_ROWS):
+            call(x_ptr + i // MAX_ROWS * x_step, min(MAX_ROWS, rows - i), out_ptr + i // MAX_ROWS * out_step)
+        return out
+
+    def int8(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+        """x [rows, K] (float32 or bfloat16) times int8 q [N, K] with bfloat16 scale [N], in x's dtype; None
+        where the kernel does not take these tensors."""
+        if (not self._takes("int8", x, q.shape[1]) or x.dtype not in (torch.float32, torch.bfloat16)
+                or q.dtype != torch.int8 or scale.dtype != torch.bfloat16 or not q.is_contiguous()
+                or not scale.is_contiguous()):
+            return None
+        n, k, threads, path = q.shape[0], q.shape[1], self.threads(), self.paths["int8"]
+        bf16 = int(x.dtype == torch.bfloat16)
+
+        def call(xp, rows, outp):
+            _check(self.lib.gemv_int8(q.data_ptr(), scale.data_ptr(), n, k, xp, bf16, rows, outp, threads, path),
+                   "int8")
+        return self._rows(x, n, x.dtype, call)
+
+    def takes_int4(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> bool:
+        """Whether the int4 kernel reads these weights as they are stored (uint8 packed [N, K/2], bfloat16
+        scale and zero [N, K/group], group 32 times a power of two)."""
+        k, groups = packed.shape[1] * 2, scale.shape[1] if scale.dim() == 2 else 0
+        group = k // groups if groups else 0
+        return ("int4" in self.paths and packed.device.type == "cpu" and 0 < k <= MAX_K and group >= 32
+                and group * groups == k and (group // 32) & (group // 32 - 1) == 0 and packed.dtype == torch.uint8
+                and packed.is_contiguous() and zero.shape == scale.shape
+                and all(t.is_contiguous() and t.dtype == torch.bfloat16 for t in (scale, zero)))
+
+    def int4(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+             zero: torch.Tensor) -> torch.Tensor | None:
+        """x [rows, K] times int4 weights that `takes_int4`, in x's dtype; None for other activations."""
+        k = packed.shape[1] * 2
+        if not self._takes("int4", x, k) or x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        n, group, threads, path = packed.shape[0], k // scale.shape[1], self.threads(), self.paths["int4"]
+        bf16 = int(x.dtype == torch.bfloat16)
+
+        def call(xp, rows, outp):
+            _check(self.lib.gemv_int4(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, k, group, xp, bf16,
+                                      rows, outp, threads, path), "int4")
+        return self._rows(x, n, x.dtype, call)
+
+    def bf16(self, x: torch.Tensor, w: torch.Tensor, heads: int = 1) -> torch.Tensor | None:
+        """x [rows, heads * K] times w [N, K], both bfloat16, summed in float32. With heads > 1, w holds a
+        block-diagonal matrix: head h's N / heads rows multiply inputs h * K .. (h + 1) * K."""
+        n, k = w.shape
+        if (not self._takes("bf16", x, k * heads) or k > MAX_K or n % heads or x.dtype != torch.bfloat16
+                or w.dtype != torch.bfloat16 or not w.is_contiguous()):
+            return None
+        threads, path = self.threads(), self.paths["bf16"]
+
+        def call(xp, rows, outp):
+            _check(self.lib.gemv_bf16(w.data_ptr(), n, k, heads, xp, rows, outp, threads, path), "bf16")
+        return self._rows(x, n, torch.bfloat16, call)
+
+    def read(self, buf: torch.Tensor) -> int:
+        """Read a contiguous CPU tensor once with the products' threads (the benchmark's yardstick); returns
+        a checksum of its words. Reads whole 64-byte lines: a shorter tail is left out."""
+        checksum = ctypes.c_uint64(0)
+        _check(self.lib.gemv_read(buf.data_ptr(), buf.numel() * buf.element_size() // 64, ctypes.byref(checksum),
+                                  self.threads()), "read")
+        return checksum.value
+
+
+@functools.cache
+def _kernels_for(choice: str) -> CpuKernels | None:
+    if choice not in ("auto", "native", "torch", *PATHS):
+        raise RGChatError(f"{ENV_VAR}={choice!r}: use native, torch or one of {', '.join(PATHS)}")
+    if choice == "torch":
+        return None
+    try:
+        kernels = CpuKernels(_load_library(), PATHS.get(choice))
+    except (OSError, AttributeError) as e:
+        if choice != "auto":
+            raise RGChatError(f"{ENV_VAR}={choice}, but the native CPU products are unavailable: "
+                              f"{str(e).splitlines()[0]}")
+        print(f"rgchat: native CPU products unavailable ({str(e).splitlines()[0]}); using torch's",
+              file=sys.stderr)
+        return None
+    if not kernels.paths:
+        raise RGChatError(f"{ENV_VAR}={choice}: this CPU does not run that path")
+    return kernels
+
+
+def cpu_kernels() -> CpuKernels | None:
+    """The native products as RGCHAT_GEMV chooses (read at each call; loaded once per choice). None while
+    torch.compile traces: the compiler cannot see into a ctypes call, and fuses torch's products instead."""
+    if torch.compiler.is_compiling():
+        return None
+    return _kernels_for(os.environ.get(ENV_VAR, "auto"))
+
+
+def owning_the_cores():
+    """`CpuKernels.owning_the_cores` of the native products where they run, else nothing."""
+    kernels = cpu_kernels()
+    return kernels.owning_the_cores() if kernels else contextlib.nullcontext()

@@ -1,0 +1,279 @@
+"""The native CPU products (kernels/gemv.c through rgchat.gemv): every path this CPU runs, forced in turn,
+against exact references, for 1 to 8 rows (and more, taken 8 at a time) and 1 to 4 threads."""
+
+import threading
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import BLOCKS, greedy_tokens, tiny_model
+from rgchat import gemv, quant
+from rgchat.cli import app
+from rgchat.errors import RGChatError
+from rgchat.model import RGLRU, ready_for_device_
+
+# odd sizes and sizes that are not multiples of any vector width, beside the 2B model's width
+SHAPES = [(1, 1), (7, 31), (33, 100), (64, 256), (9, 130), (17, 2560), (40, 3000)]
+INT4_SHAPES = [(1, 32), (7, 96), (33, 160), (17, 2560), (12, 4096)]
+ROWS = [1, 2, 3, 5, 8, 11]
+THREADS = [1, 2, 3, 4]
+
+
+def kernels_on(path: str) -> gemv.CpuKernels:
+    try:
+        kernels = gemv._kernels_for(path)
+    except RGChatError as e:
+        pytest.skip(str(e))
+    if kernels is None:
+        pytest.skip("the native library is not built")
+    return kernels
+
+
+@pytest.fixture(params=list(gemv.PATHS))
+def path(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def threads():
+    """Runs the test body's products under each thread count, restoring torch's setting."""
+    before = torch.get_num_threads()
+    yield THREADS
+    torch.set_num_threads(before)
+
+
+def randn(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def int8_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    q[0, : min(k, 40)] = -128  # the extremes: -128 has no positive twin, and 127 * 127 pairs add up fastest
+    q[-1, : min(k, 40)] = 127
+    return q, (torch.rand(n, generator=g) + 0.5).to(torch.bfloat16)
+
+
+def quantized_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row to int8 with one scale, as both the kernels and `quant.int8_reference` do."""
+    xs = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(x.float() / xs).to(torch.int64), xs
+
+
+def int8_expected(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int32 sums computed exactly (int64 matmul), then scaled in float32 as the kernel does."""
+    xq, xs = quantized_rows(x)
+    sums = xq @ q.to(torch.int64).T
+    assert sums.abs().max() < 2**31
+    return ((sums.to(torch.int32).float() * xs) * scale.float()).to(x.dtype)
+
+
+def test_int8_is_exact_on_every_path(path, threads):
+    kernels = kernels_on(path)
+    for i, (n, k) in enumerate(SHAPES):
+        q, scale = int8_weights(n, k, seed=i)
+        for rows in ROWS:
+            for dtype in (torch.float32, torch.bfloat16):
+                x = randn(rows, k, seed=100 * i + rows, scale=3.0).to(dtype)
+                want = int8_expected(x, q, scale)
+                for t in threads:
+                    torch.set_num_threads(t)
+                    got = kernels.int8(x, q, scale)
+                    assert got.dtype == dtype and torch.equal(got, want), (path, n, k, rows, dtype, t)
+        assert torch.equal(quant.int8_reference(x, q, scale).to(x.dtype), want)  # torch's path: same numbers
+
+
+def int4_expected(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """xs * sum_g (s_g D_g + z_g S_g) with D_g = sum (q - 8) xq and S_g = sum xq exact, the rest in float64."""
+    xq, xs = quantized_rows(x)
+    q = quant.unpack_int4(packed).to(torch.int64) - 8
+    groups = scale.shape[1]
+    xg = xq.reshape(x.shape[0], groups, -1)
+    d = torch.einsum("bgi,ngi->bng", xg, q.reshape(q.shape[0], groups, -1)).double()
+    s = xg.sum(-1).double()
+    total = (d * scale.double()).sum(-1) + s @ zero.double().T
+    return total * xs.double(), ((d.abs() * scale.double().abs()).sum(-1) + s.abs() @ zero.double().abs().T) * xs.double()
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_matches_its_exact_formula_on_every_path(path, group, threads, monkeypatch):
+    kernels = kernels_on(path)
+    monkeypatch.setattr(quant, "INT4_GROUP", group)
+    for i, (n, k) in enumerate(INT4_SHAPES):
+        if k % group:
+            continue
+        packed, scale, zero = quant.quantize_int4(randn(n, k, seed=i))
+        assert kernels.takes_int4(packed, scale, zero)
+        for rows in ROWS:
+            x = randn(rows, k, seed=7 * i + rows, scale=2.0)
+            want, size = int4_expected(x, packed, scale, zero)
+            alone = torch.cat([kernels.int4(x[r:r + 1], packed, scale, zero) for r in range(rows)])
+            for t in threads:
+                torch.set_num_threads(t)
+                got = kernels.int4(x, packed, scale, zero)
+                assert torch.equal(got, alone), (path, n, k, rows, t)  # a row's result ignores its neighbours
+            assert torch.all((got.double() - want).abs() <= 1e-5 * size + 1e-30), (path, n, k, rows)
+            assert torch.equal(kernels.int4(x.bfloat16(), packed, scale, zero),
+                               kernels.int4(x.bfloat16().float(), packed, scale, zero).bfloat16())
+
+
+def test_bf16_matches_float64_on_every_path(path, threads):
+    kernels = kernels_on(path)
+    for i, (n, k) in enumerate(SHAPES):
+        w = randn(n, k, seed=i).bfloat16()
+        for rows in ROWS:
+            x = randn(rows, k, seed=50 + rows).bfloat16()
+            exact = x.double() @ w.double().T
+            size = x.double().abs() @ w.double().abs().T
+            alone = torch.cat([kernels.bf16(x[r:r + 1], w) for r in range(rows)])
+            for t in threads:
+                torch.set_num_threads(t)
+                got = kernels.bf16(x, w)
+                assert got.dtype == torch.bfloat16 and torch.equal(got, alone), (path, n, k, rows, t)
+            assert torch.all((got.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * size), (path, n, k, rows)
+
+
+def test_paths_agree_where_their_arithmetic_is_the_same():
+    """int8 is exact everywhere, so every path gives the same bits."""
+    kernels = [kernels_on("portable")]
+    for path in ("avx2", "avx512"):
+        try:
+            kernels.append(gemv._kernels_for(path))
+        except RGChatError:  # not on this CPU
+            pass
+    q, scale = int8_weights(300, 1000, seed=3)
+    x = randn(4, 1000, seed=4).bfloat16()
+    outs = [k.int8(x, q, scale) for k in kernels if "int8" in k.paths]
+    assert len(outs) > 1 and all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_products_from_several_threads_at_once_are_each_right():
+    kernels = kernels_on("native")
+    q, scale = int8_weights(512, 2560, seed=5)
+    xs = [randn(3, 2560, seed=s).bfloat16() for s in range(4)]
+    want = [int8_expected(x, q, scale) for x in xs]
+    failures = []
+
+    def work(i):
+        for _ in range(20):
+            if not torch.equal(kernels.int8(xs[i], q, scale), want[i]):
+                failures.append(i)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not failures
+
+
+def test_tensors_the_kernel_does_not_take_go_to_torch():
+    kernels = kernels_on("native")
+    q, scale = int8_weights(8, 64, seed=1)
+    assert kernels.int8(randn(1, 64, seed=1).half(), q, scale) is None  # float16 activations
+    assert kernels.int8(randn(1, 64, seed=1), q.t().contiguous().t(), scale) is None  # not row-major
+    wide = torch.zeros(2, gemv.MAX_K + 32, dtype=torch.int8)
+    assert kernels.int8(torch.ones(1, gemv.MAX_K + 32), wide, scale[:2]) is None  # sums could overflow
+    packed, s, z = quant.quantize_int4(randn(4, 96, seed=2))
+    assert not kernels.takes_int4(packed, s[:, :1].contiguous(), z[:, :1].contiguous())  # group of 96
+    x = torch.ones(1, gemv.MAX_K + 32)
+    out = quant.int8_matmul(x, wide, scale[:2])  # quant falls back to torch's product
+    assert out.shape == (1, 2) and torch.all(out == 0)
+
+
+def test_plain_read_sums_what_it_reads():
+    kernels = kernels_on("native")
+    words = torch.arange(4096, dtype=torch.int64)  # 512 lines of 64 bytes
+    lines = words.view(-1, 8)
+    want = int((lines[:, :4] ^ lines[:, 4:]).sum())
+    assert kernels.read(words) == want
+
+
+PROMPT = torch.randint(0, BLOCKS.vocab_size, (70,), generator=torch.Generator().manual_seed(9)).tolist()
+
+
+def test_int8_model_gives_the_same_logits_with_the_kernel_on_and_off(monkeypatch):
+    """Off, a VNNI CPU runs torch._int_mm on the same quantized rows: the very same numbers."""
+    kernels_on("native")
+    model = quant.quantize_model(tiny_model(BLOCKS, seed=21), "int8")
+    state_on, state_off = model.new_state(), model.new_state()
+    on = model.prefill(torch.tensor(PROMPT[:40]), state_on)  # 40 rows: five calls of 8
+    tokens_on = greedy_tokens(model, PROMPT, 40)
+    monkeypatch.setenv(gemv.ENV_VAR, "torch")
+    monkeypatch.setattr(quant, "cpu_has_vnni", lambda: True)
+    off = model.prefill(torch.tensor(PROMPT[:40]), state_off)
+    assert torch.equal(on, off)
+    assert greedy_tokens(model, PROMPT, 40) == tokens_on and len(set(tokens_on)) > 5
+
+
+def test_bf16_greedy_output_is_the_same_with_the_kernel_on_and_off(monkeypatch):
+    kernels_on("native")
+    model = ready_for_device_(tiny_model(BLOCKS, seed=22, dtype=torch.bfloat16))
+    assert all(m.native_gates is not None for m in model.modules() if isinstance(m, RGLRU))
+    tokens_on = greedy_tokens(model, PROMPT, 40)
+    monkeypatch.setenv(gemv.ENV_VAR, "torch")
+    off = ready_for_device_(tiny_model(BLOCKS, seed=22, dtype=torch.bfloat16))
+    assert all(m.native_gates is None for m in off.modules() if isinstance(m, RGLRU))
+    assert greedy_tokens(off, PROMPT, 40) == tokens_on and len(set(tokens_on)) > 5
+
+
+class Int4Formula:
+    """The int4 kernel's arithmetic written in torch (float64): what the native int4 model must follow."""
+
+    def int4(self, x, packed, scale, zero):
+        return int4_expected(x.float(), packed, scale, zero)[0].to(x.dtype)
+
+
+def test_int4_greedy_output_follows_the_kernels_formula():
+    """Off, torch's int4 kernel multiplies bfloat16 activations, not int8 ones: a different rounding, so
+    the model is checked against the kernel's formula computed in torch instead."""
+    kernels_on("native")
+    model = quant.quantize_model(tiny_model(BLOCKS, seed=22), "int4")
+    tokens_on = greedy_tokens(model, PROMPT, 40)
+    for m in model.modules():
+        if isinstance(m, (quant.Int4Linear, quant.Int4Embedding)):
+            assert m.runtime[0] == "native"
+            m.runtime = (*m.runtime[:4], Int4Formula())
+    assert greedy_tokens(model, PROMPT, 40) == tokens_on and len(set(tokens_on)) > 5
+
+
+def test_int4_runs_from_the_stored_layout_with_the_kernel():
+    kernels_on("native")
+    model = quant.quantize_model(tiny_model(BLOCKS, seed=23), "int4")
+    layers = [m for m in model.modules() if isinstance(m, quant.Int4Linear)]
+    assert layers and all(m.runtime[0] == "native" and m.weight.numel() > 0 for m in layers)
+    assert quant.packed_tensors(model) == {}  # nothing to cache beside the model file
+
+
+def test_a_missing_library_falls_back_with_one_notice(monkeypatch, capsys):
+    def missing():
+        raise OSError("the compiled kernel _gemv is missing (simulated)")
+
+    monkeypatch.setattr(gemv, "_find_library", missing)
+    gemv._kernels_for.cache_clear()
+    try:
+        assert gemv.cpu_kernels() is None and gemv.cpu_kernels() is None
+        err = capsys.readouterr().err
+        assert err.count("native CPU products unavailable") == 1 and "simulated" in err
+        with pytest.raises(RGChatError, match="RGCHAT_GEMV=avx2"):
+            gemv._kernels_for("avx2")
+        q, scale = int8_weights(16, 64, seed=2)
+        x = randn(2, 64, seed=3).bfloat16()
+        assert quant.int8_matmul(x, q, scale).shape == (2, 16)  # torch's products take over
+    finally:
+        gemv._kernels_for.cache_clear()
+
+
+def test_a_bad_choice_is_refused(monkeypatch):
+    monkeypatch.setenv(gemv.ENV_VAR, "fastest")
+    with pytest.raises(RGChatError, match="RGCHAT_GEMV='fastest'"):
+        gemv.cpu_kernels()
+
+
+def test_doctor_names_the_paths(monkeypatch):
+    kernels_on("native")
+    out = CliRunner().invoke(app, ["doctor"]).stdout
+    assert "matrix products (cpu): native (C, int8 " in out
+    monkeypatch.setenv(gemv.ENV_VAR, "torch")
+    assert "matrix products (cpu): torch" in CliRunner().invoke(app, ["doctor"]).stdout
