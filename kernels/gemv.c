@@ -11,9 +11,9 @@
  *         integer sums D = sum (q - 8) xq and S = sum xq are exact, and out = xs * sum_g (s_g D_g + z_g S_g).
  *   bf16  W and x bfloat16, products summed in float32, out rounded to bfloat16.
  *
- * Decode is bound by reading W, so each path reads every weight once for all activation rows and keeps
- * several output rows in flight with independent accumulators. A row's result never depends on how many
- * rows come with it. Paths: portable C, AVX2 (+FMA), and AVX-512 (VNNI for the integer formats, BF16 for
+ * Decode is bound by reading W, so each path reads every weight once for all activation rows, one output
+ * row after the other (one sequential stream a thread), with an accumulator per activation row. A row's
+ * result never depends on how many rows come with it. Paths: portable C, AVX2 (+FMA), and AVX-512 (VNNI for the integer formats, BF16 for
  * bfloat16), chosen at run time from the CPU's flags, or forced by the caller (the tests force each).
  *
  * Threads: a persistent pool splits the output rows; the calling thread takes the first slice. Plain C
@@ -77,7 +77,6 @@ typedef struct {
     const uint16_t *scale, *zero;  /* int8: [N]; int4: [N, K/group] */
     const int8_t *xq;              /* [B, K] quantized rows (int4 SIMD: permuted within each block of 32) */
     const int32_t *xsum;           /* int8 AVX-512: [B] sum of xq over the vector part */
-    const int32_t *xneg;           /* int4 SIMD: [B, K/32, 8] -8 * sums of xq per 4 consecutive bytes */
     const float *xgroup;           /* int4: [B, K/group] sum of xq per group, as float */
     const float *xscale;           /* int8, int4: [B] */
     const float *xf;               /* bf16 portable and AVX2: [B, K] activations as float */
@@ -150,18 +149,11 @@ static void bf16_part_portable(const job_t *j, int64_t n0, int64_t n1) {
     }
 }
 
-/* Output rows per pass for B activation rows: R * B independent accumulators, within the 16 vector
- * registers of AVX2 (AVX-512 has 32 but runs the same blocking). */
+/* One output row at a time for all B activation rows (B accumulators): consecutive rows are consecutive
+ * in memory, so each thread reads one sequential stream, which reached more of the memory bandwidth than
+ * passes over several rows at once (several streams a row apart). */
 #define PART_LOOP(ROWS_FN, B_)                                                                               \
-    do {                                                                                                     \
-        enum { R_ = (B_) <= 2 ? 4 : (B_) <= 4 ? 2 : 1 };                                                     \
-        for (int64_t n = n0; n < n1;) { /* a pass never spans two heads */                                   \
-            const int64_t head_end = (n / j->rows_per_head + 1) * j->rows_per_head;                          \
-            const int64_t end = head_end < n1 ? head_end : n1;                                               \
-            for (; n + R_ <= end; n += R_) ROWS_FN(j, n, R_, B_);                                            \
-            for (; n < end; n++) ROWS_FN(j, n, 1, B_);                                                       \
-        }                                                                                                    \
-    } while (0)
+    for (int64_t n = n0; n < n1; n++) ROWS_FN(j, n, B_)
 
 #define DEFINE_PART(NAME, ROWS_FN, TARGET)                                                                   \
     TARGET static void NAME(const job_t *j, int64_t n0, int64_t n1) {                                        \
@@ -202,114 +194,107 @@ AVX2 INLINE __m256 bf16x8_to_f32_avx2(const uint16_t *p) {
 }
 
 /* int8: |w| times x with w's sign (maddubs multiplies unsigned by signed bytes; pairs stay below 2^15) */
-AVX2 INLINE void int8_rows_avx2(const job_t *j, int64_t n, const int R, const int B) {
+AVX2 INLINE void int8_rows_avx2(const job_t *j, int64_t n, const int B) {
     const int64_t K = j->K, KV = K & ~(int64_t)31;
     const int8_t *w = (const int8_t *)j->w + n * K;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[4][MAX_ROWS];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_si256();
+    __m256i acc[MAX_ROWS];
+    for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_si256();
     for (int64_t k = 0; k < KV; k += 32) {
-        for (int r = 0; r < R; r++) {
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
-            if ((k & 63) == 0) _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0);
-            const __m256i aw = _mm256_abs_epi8(wv);
-            for (int b = 0; b < B; b++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(j->xq + b * K + k));
-                const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
-                acc[r][b] = _mm256_add_epi32(acc[r][b], _mm256_madd_epi16(p, ones));
-            }
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
+        if ((k & 63) == 0) _mm_prefetch((const char *)(w + K + k), _MM_HINT_T0); /* the next row */
+        const __m256i aw = _mm256_abs_epi8(wv);
+        for (int b = 0; b < B; b++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(j->xq + b * K + k));
+            const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+            acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(p, ones));
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++)
-            store_int8(j, b, n + r, hsum_epi32_avx2(acc[r][b]) + dot_int8_tail(w + r * K, j->xq + b * K, KV, K));
+    for (int b = 0; b < B; b++)
+        store_int8(j, b, n, hsum_epi32_avx2(acc[b]) + dot_int8_tail(w, j->xq + b * K, KV, K));
 }
 DEFINE_PART(int8_part_avx2, int8_rows_avx2, AVX2)
 
-AVX2 INLINE float int4_zero_term_avx2(const job_t *j, int64_t n, int b) {
+/* sum_g (z_g - 8 s_g) S_g of one output row (scale: its scales as float): the zero points and the -8 of
+ * the stored 4-bit values, both multiplying the group sums S_g of the activation row. */
+AVX2 INLINE float int4_zero_term_avx2(const job_t *j, int64_t n, int b, const float *scale) {
     const int64_t G = j->K / j->group, GV = G & ~(int64_t)7;
     const uint16_t *zero = j->zero + n * G;
     const float *xg = j->xgroup + b * G;
+    const __m256 minus8 = _mm256_set1_ps(-8.0f);
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t g = 0; g < GV; g += 8) acc = _mm256_fmadd_ps(bf16x8_to_f32_avx2(zero + g), _mm256_loadu_ps(xg + g), acc);
-    return hsum_ps_avx2(acc) + zero_term_tail(zero, xg, GV, G);
+    for (int64_t g = 0; g < GV; g += 8) {
+        const __m256 shifted = _mm256_fmadd_ps(minus8, _mm256_loadu_ps(scale + g), bf16x8_to_f32_avx2(zero + g));
+        acc = _mm256_fmadd_ps(shifted, _mm256_loadu_ps(xg + g), acc);
+    }
+    float tail = 0.0f;
+    for (int64_t g = GV; g < G; g++) tail += (bf16_to_f32(zero[g]) - 8.0f * scale[g]) * xg[g];
+    return hsum_ps_avx2(acc) + tail;
 }
 
 /* int4, two blocks of 32 values (32 packed bytes) a step: the low nibbles hold the even values of both
  * blocks, the high nibbles the odd ones, and the activations are laid out to match ([even | even] then
  * [odd | odd], 64 bytes a pair; a last odd block is padded with zeros). Lanes 0-3 of the sums belong to the
- * first block, 4-7 to the second; each lane holds D = sum q xq - 8 sum xq over its bytes, is scaled by its
- * block's s and accumulated in float. DOT2(neg, lo, xlo, hi, xhi) gives those lanes. */
+ * first block, 4-7 to the second; each lane holds sum q xq over its bytes (exact), is scaled by its block's
+ * s and accumulated in float; the -8 joins the zero points' term. DOT2(lo, xlo, hi, xhi) gives the lanes. */
 #define INT4_PAIR(DOT2, p, g0, g1, full)                                                                     \
-    for (int r = 0; r < R; r++) {                                                                            \
-        const uint8_t *src = w + r * row + (p) * 32;                                                         \
-        if (((p) & 1) == 0) _mm_prefetch((const char *)(src + R * row), _MM_HINT_T0);                       \
+    do {                                                                                                     \
+        const uint8_t *src = w + (p) * 32;                                                                   \
+        _mm_prefetch((const char *)(src + row), _MM_HINT_T0); /* the next row */                            \
         const __m256i v = (full) ? _mm256_loadu_si256((const __m256i *)src)                                  \
                                  : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)src));            \
         const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4); \
-        const __m256 s = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(&scale[r][g0])),       \
-                                              _mm_broadcast_ss(&scale[r][g1]), 1);                           \
+        const __m256 s = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(&scale[g0])),          \
+                                              _mm_broadcast_ss(&scale[g1]), 1);                              \
         for (int b = 0; b < B; b++) {                                                                        \
             const int8_t *x = j->xq + (b * pairs + (p)) * 64;                                                \
-            const __m256i neg = _mm256_loadu_si256((const __m256i *)(j->xneg + (b * pairs + (p)) * 8));      \
-            const __m256i d = DOT2(neg, lo, _mm256_loadu_si256((const __m256i *)x), hi,                      \
+            const __m256i d = DOT2(lo, _mm256_loadu_si256((const __m256i *)x), hi,                           \
                                    _mm256_loadu_si256((const __m256i *)(x + 32)));                           \
-            acc[r][b] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d), acc[r][b]);                                \
+            acc[b] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d), acc[b]);                                      \
         }                                                                                                    \
-    }
+    } while (0)
 
 #define DEFINE_INT4_ROWS(NAME, TARGET, DOT2)                                                                 \
-    TARGET INLINE void NAME(const job_t *j, int64_t n, const int R, const int B) {                           \
+    TARGET INLINE void NAME(const job_t *j, int64_t n, const int B) {                                        \
         const int64_t K = j->K, G = K / j->group, KB = K / 32, pairs = (KB + 1) / 2, row = K / 2;            \
         const int shift = j->group_shift;                                                                    \
         const uint8_t *w = (const uint8_t *)j->w + n * row;                                                  \
         const __m256i low4 = _mm256_set1_epi8(15);                                                           \
-        float scale[4][MAX_K / 32];                                                                          \
-        for (int r = 0; r < R; r++) {                                                                        \
-            int64_t g = 0;                                                                                   \
-            for (; g + 8 <= G; g += 8) _mm256_storeu_ps(&scale[r][g], bf16x8_to_f32_avx2(j->scale + (n + r) * G + g)); \
-            for (; g < G; g++) scale[r][g] = bf16_to_f32(j->scale[(n + r) * G + g]);                         \
-        }                                                                                                    \
-        __m256 acc[4][MAX_ROWS];                                                                             \
-        for (int r = 0; r < R; r++)                                                                          \
-            for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();                                     \
+        float scale[MAX_K / 32];                                                                             \
+        int64_t g = 0;                                                                                       \
+        for (; g + 8 <= G; g += 8) _mm256_storeu_ps(&scale[g], bf16x8_to_f32_avx2(j->scale + n * G + g));   \
+        for (; g < G; g++) scale[g] = bf16_to_f32(j->scale[n * G + g]);                                      \
+        __m256 acc[MAX_ROWS];                                                                                \
+        for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();                                            \
         for (int64_t p = 0; p < KB / 2; p++) INT4_PAIR(DOT2, p, (2 * p) >> shift, (2 * p + 1) >> shift, 1);  \
-        if (KB & 1) INT4_PAIR(DOT2, KB / 2, (KB - 1) >> shift, (KB - 1) >> shift, 0);                         \
-        for (int r = 0; r < R; r++)                                                                          \
-            for (int b = 0; b < B; b++)                                                                      \
-                store(j, b, n + r, j->xscale[b] * (hsum_ps_avx2(acc[r][b]) + int4_zero_term_avx2(j, n + r, b))); \
+        if (KB & 1) INT4_PAIR(DOT2, KB / 2, (KB - 1) >> shift, (KB - 1) >> shift, 0);                        \
+        for (int b = 0; b < B; b++)                                                                          \
+            store(j, b, n, j->xscale[b] * (hsum_ps_avx2(acc[b]) + int4_zero_term_avx2(j, n, b, scale)));     \
     }
 
 /* maddubs pairs stay far below 2^15 (15 * 127 * 2 twice), so the two halves are summed in int16 first */
-#define DOT2_AVX2(neg, lo, xlo, hi, xhi)                                                                     \
-    _mm256_add_epi32(neg, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo),                  \
-                                                             _mm256_maddubs_epi16(hi, xhi)),                 \
-                                            _mm256_set1_epi16(1)))
+#define DOT2_AVX2(lo, xlo, hi, xhi)                                                                          \
+    _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)),        \
+                      _mm256_set1_epi16(1))
 DEFINE_INT4_ROWS(int4_rows_avx2, AVX2, DOT2_AVX2)
 DEFINE_PART(int4_part_avx2, int4_rows_avx2, AVX2)
 
-AVX2 INLINE void bf16_rows_avx2(const job_t *j, int64_t n, const int R, const int B) {
-    const int64_t K = j->K, KV = K & ~(int64_t)7;
+AVX2 INLINE void bf16_rows_avx2(const job_t *j, int64_t n, const int B) {
+    const int64_t K = j->K, KV = K & ~(int64_t)7, xs = j->x_stride;
     const uint16_t *w = (const uint16_t *)j->w + n * K;
     const float *x = j->xf + n / j->rows_per_head * K;
-    const int64_t xs = j->x_stride;
-    __m256 acc[4][MAX_ROWS];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();
+    __m256 acc[MAX_ROWS];
+    for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
     for (int64_t k = 0; k < KV; k += 8) {
-        for (int r = 0; r < R; r++) {
-            if ((k & 31) == 0) _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0);
-            const __m256 wv = bf16x8_to_f32_avx2(w + r * K + k);
-            for (int b = 0; b < B; b++) acc[r][b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * xs + k), acc[r][b]);
-        }
+        if ((k & 31) == 0) _mm_prefetch((const char *)(w + K + k), _MM_HINT_T0); /* the next row */
+        const __m256 wv = bf16x8_to_f32_avx2(w + k);
+        for (int b = 0; b < B; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * xs + k), acc[b]);
     }
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) {
-            float tail = 0.0f;
-            for (int64_t k = KV; k < K; k++) tail += bf16_to_f32(w[r * K + k]) * x[b * xs + k];
-            store(j, b, n + r, hsum_ps_avx2(acc[r][b]) + tail);
-        }
+    for (int b = 0; b < B; b++) {
+        float tail = 0.0f;
+        for (int64_t k = KV; k < K; k++) tail += bf16_to_f32(w[k]) * x[b * xs + k];
+        store(j, b, n, hsum_ps_avx2(acc[b]) + tail);
+    }
 }
 DEFINE_PART(bf16_part_avx2, bf16_rows_avx2, AVX2)
 
@@ -317,55 +302,44 @@ DEFINE_PART(bf16_part_avx2, bf16_rows_avx2, AVX2)
 
 /* int8 with VPDPBUSD (unsigned times signed bytes, summed in int32 without saturation): the weights are
  * made unsigned by flipping their sign bit (w + 128), and 128 * sum(xq) is taken off at the end. */
-AVX512 INLINE void int8_rows_avx512(const job_t *j, int64_t n, const int R, const int B) {
+AVX512 INLINE void int8_rows_avx512(const job_t *j, int64_t n, const int B) {
     const int64_t K = j->K, KV = K & ~(int64_t)63;
     const int8_t *w = (const int8_t *)j->w + n * K;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512i acc[4][MAX_ROWS];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_si512();
+    __m512i acc[MAX_ROWS];
+    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_si512();
     for (int64_t k = 0; k < KV; k += 64) {
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0);
-            const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + r * K + k), flip);
-            for (int b = 0; b < B; b++)
-                acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wu, _mm512_loadu_si512(j->xq + b * K + k));
-        }
+        _mm_prefetch((const char *)(w + K + k), _MM_HINT_T0); /* the next row */
+        const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);
+        for (int b = 0; b < B; b++) acc[b] = _mm512_dpbusd_epi32(acc[b], wu, _mm512_loadu_si512(j->xq + b * K + k));
     }
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++)
-            store_int8(j, b, n + r, _mm512_reduce_add_epi32(acc[r][b]) - 128 * j->xsum[b] +
-                                        dot_int8_tail(w + r * K, j->xq + b * K, KV, K));
+    for (int b = 0; b < B; b++)
+        store_int8(j, b, n, _mm512_reduce_add_epi32(acc[b]) - 128 * j->xsum[b] + dot_int8_tail(w, j->xq + b * K, KV, K));
 }
 DEFINE_PART(int8_part_avx512, int8_rows_avx512, AVX512)
 
-#define DOT2_VNNI(neg, lo, xlo, hi, xhi) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(neg, lo, xlo), hi, xhi)
+#define DOT2_VNNI(lo, xlo, hi, xhi) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi)
 DEFINE_INT4_ROWS(int4_rows_avx512, AVX512, DOT2_VNNI)
 DEFINE_PART(int4_part_avx512, int4_rows_avx512, AVX512)
 
 /* bf16 with VDPBF16PS: pairs of bfloat16 products summed into float32 lanes. */
-AVX512BF16 INLINE void bf16_rows_avx512(const job_t *j, int64_t n, const int R, const int B) {
-    const int64_t K = j->K, KV = K & ~(int64_t)31;
+AVX512BF16 INLINE void bf16_rows_avx512(const job_t *j, int64_t n, const int B) {
+    const int64_t K = j->K, KV = K & ~(int64_t)31, xs = j->x_stride;
     const uint16_t *w = (const uint16_t *)j->w + n * K;
     const uint16_t *x = j->xb + n / j->rows_per_head * K;
-    const int64_t xs = j->x_stride;
-    __m512 acc[4][MAX_ROWS];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_ps();
+    __m512 acc[MAX_ROWS];
+    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
     for (int64_t k = 0; k < KV; k += 32) {
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0);
-            const __m512i wv = _mm512_loadu_si512(w + r * K + k);
-            for (int b = 0; b < B; b++)
-                acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x + b * xs + k));
-        }
+        _mm_prefetch((const char *)(w + K + k), _MM_HINT_T0); /* the next row */
+        const __m512i wv = _mm512_loadu_si512(w + k);
+        for (int b = 0; b < B; b++)
+            acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x + b * xs + k));
     }
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) {
-            float tail = 0.0f;
-            for (int64_t k = KV; k < K; k++) tail += bf16_to_f32(w[r * K + k]) * bf16_to_f32(x[b * xs + k]);
-            store(j, b, n + r, _mm512_reduce_add_ps(acc[r][b]) + tail);
-        }
+    for (int b = 0; b < B; b++) {
+        float tail = 0.0f;
+        for (int64_t k = KV; k < K; k++) tail += bf16_to_f32(w[k]) * bf16_to_f32(x[b * xs + k]);
+        store(j, b, n, _mm512_reduce_add_ps(acc[b]) + tail);
+    }
 }
 DEFINE_PART(bf16_part_avx512, bf16_rows_avx512, AVX512BF16)
 #endif /* HAVE_X86 */
@@ -430,15 +404,44 @@ static struct {
     unsigned start_generation[MAX_THREADS];
     part_fn fn;
     const job_t *job;
-    int parts;
+    int parts;                 /* threads taking part in the current product */
     int64_t n, chunk;
+    _Atomic int64_t next;      /* the first row no thread has taken yet */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one product at a time, whoever calls */
 
-static void run_slice(int id) {
-    int64_t begin = id * pool.chunk, end = begin + pool.chunk < pool.n ? begin + pool.chunk : pool.n;
-    if (id < pool.parts && begin < end) pool.fn(pool.job, begin, end);
+/* torch's own OpenMP runtime, when the caller hands it over (gemv_use_openmp): the products then run on
+ * torch's threads, which spin for a while after each of torch's operations and would otherwise take
+ * the cores from a second pool of threads. */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_fn)(void);
+static struct {
+    gomp_parallel_fn parallel; /* GOMP_parallel: runs fn on a team, the caller included, and waits */
+    omp_int_fn thread_num, num_threads;
+} openmp;
+
+int gemv_use_openmp(void *parallel, void *thread_num, void *num_threads) {
+    pthread_mutex_lock(&call_lock);
+    openmp.parallel = (gomp_parallel_fn)parallel;
+    openmp.thread_num = (omp_int_fn)thread_num;
+    openmp.num_threads = (omp_int_fn)num_threads;
+    pthread_mutex_unlock(&call_lock);
+    return OK;
+}
+
+/* Threads take chunks of rows in turn until none are left, so that one thread slowed down (by an
+ * interrupt, or a neighbour on a shared machine) does not hold up the product. */
+#define CHUNKS_PER_THREAD 8
+#define MAX_CHUNK_BLOCKS 64
+
+static void run_chunks(int id) {
+    if (id >= pool.parts) return;
+    for (;;) {
+        const int64_t begin = atomic_fetch_add_explicit(&pool.next, pool.chunk, memory_order_relaxed);
+        if (begin >= pool.n) return;
+        pool.fn(pool.job, begin, begin + pool.chunk < pool.n ? begin + pool.chunk : pool.n);
+    }
 }
 
 static void *worker(void *arg) {
@@ -457,17 +460,23 @@ static void *worker(void *arg) {
             pthread_mutex_unlock(&pool.lock);
         }
         seen = now;
-        run_slice(id);
+        run_chunks(id);
         atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
     }
     return NULL;
 }
 
-/* fn over rows [0, n) in up to `threads` slices of a multiple of `align` rows. Every started worker
- * acknowledges every product, so none can fall a product behind. Call with call_lock held. */
+static void openmp_chunks(void *unused) { /* a team smaller than asked for still takes every chunk */
+    (void)unused;
+    run_chunks(openmp.thread_num() % pool.parts);
+}
+
+/* fn over rows [0, n) on up to `threads` threads in chunks of a multiple of `align` rows, on torch's OpenMP
+ * team or the pool. Every started pool worker acknowledges every product, so none can fall a product behind.
+ * Call with call_lock held. */
 static void run_parallel(part_fn fn, const job_t *job, int64_t n, int64_t align, int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    while (pool.workers < threads - 1) {
+    while (!openmp.parallel && pool.workers < threads - 1) {
         pthread_t thread;
         int id = pool.workers + 1;
         pool.start_generation[id] = atomic_load(&pool.generation);
@@ -475,7 +484,7 @@ static void run_parallel(part_fn fn, const job_t *job, int64_t n, int64_t align,
         pthread_detach(thread);
         pool.workers = id;
     }
-    if (threads > pool.workers + 1) threads = pool.workers + 1;
+    if (!openmp.parallel && threads > pool.workers + 1) threads = pool.workers + 1;
     int64_t blocks = (n + align - 1) / align;
     int parts = threads < 1 ? 1 : threads < blocks ? threads : (int)blocks;
     if (parts <= 1) {
@@ -485,14 +494,20 @@ static void run_parallel(part_fn fn, const job_t *job, int64_t n, int64_t align,
     pool.fn = fn;
     pool.job = job;
     pool.n = n;
-    pool.chunk = (blocks + parts - 1) / parts * align;
+    int64_t chunk_blocks = blocks / ((int64_t)parts * CHUNKS_PER_THREAD);
+    pool.chunk = (chunk_blocks < 1 ? 1 : chunk_blocks > MAX_CHUNK_BLOCKS ? MAX_CHUNK_BLOCKS : chunk_blocks) * align;
     pool.parts = parts;
+    atomic_store_explicit(&pool.next, 0, memory_order_relaxed);
+    if (openmp.parallel) {
+        openmp.parallel(openmp_chunks, NULL, (unsigned)parts, 0);
+        return;
+    }
     atomic_store_explicit(&pool.pending, pool.workers, memory_order_relaxed);
     pthread_mutex_lock(&pool.lock);
     atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
-    run_slice(0);
+    run_chunks(0);
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
 }
 
@@ -582,14 +597,13 @@ int gemv_int4(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, int
     if ((32 << shift) != group || K % group) return ERR_ARGS;
     const int64_t G = K / group, KB = K / 32, pairs = (KB + 1) / 2;
     pthread_mutex_lock(&call_lock);
-    char *mem = scratch_of(K * sizeof(float) + B * ((1 + G) * sizeof(float) + pairs * (8 * sizeof(int32_t) + 64) + K));
+    char *mem = scratch_of(K * sizeof(float) + B * ((1 + G) * sizeof(float) + pairs * 64 + K));
     if (!mem) {
         pthread_mutex_unlock(&call_lock);
         return ERR_MEMORY;
     }
     float *f = (float *)mem, *xscale = f + K, *xgroup = xscale + B;
-    int32_t *xneg = (int32_t *)(xgroup + B * G);
-    int8_t *xq = (int8_t *)(xneg + B * pairs * 8), *plain = xq + B * pairs * 64;
+    int8_t *xq = (int8_t *)(xgroup + B * G), *plain = xq + B * pairs * 64;
     for (int64_t b = 0; b < B; b++) {
         int8_t *row = path == PATH_PORTABLE ? xq + b * K : plain + b * K;
         quantize_row(x, x_bf16, b, K, f, row, xscale + b);
@@ -609,15 +623,10 @@ int gemv_int4(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, int
                     dst[32 + 16 * half + i] = src[2 * i + 1];
                 }
             }
-            for (int lane = 0; lane < 8; lane++) {
-                int32_t sum = 0;
-                for (int i = 4 * lane; i < 4 * lane + 4; i++) sum += dst[i] + dst[32 + i];
-                xneg[(b * pairs + p) * 8 + lane] = -8 * sum;
-            }
         }
     }
     job_t job = {.kind = KIND_INT4, .path = path, .B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .rows_per_head = N, .group = group,
-                 .group_shift = shift, .w = w, .scale = scale, .zero = zero, .xq = xq, .xneg = xneg, .xgroup = xgroup, .xscale = xscale,
+                 .group_shift = shift, .w = w, .scale = scale, .zero = zero, .xq = xq, .xgroup = xgroup, .xscale = xscale,
                  .out = out};
     run_parallel(part_for(KIND_INT4, path), &job, N, 8, threads);
     pthread_mutex_unlock(&call_lock);
@@ -661,12 +670,47 @@ static void read_part(const job_t *j, int64_t begin, int64_t end) { /* rows of 6
     atomic_fetch_add((_Atomic uint64_t *)j->out, s0 + s1 + s2 + s3); /* keeps the loop from being dropped */
 }
 
-/* Reads n64 * 64 bytes with the same threads as the products; *out gets a checksum. */
+#if HAVE_X86
+AVX2 static void read_part_avx2(const job_t *j, int64_t begin, int64_t end) {
+    const __m256i *p = (const __m256i *)j->w;
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+    for (int64_t i = begin * 2; i < end * 2; i += 2) {
+        s0 = _mm256_xor_si256(s0, _mm256_loadu_si256(p + i));
+        s1 = _mm256_xor_si256(s1, _mm256_loadu_si256(p + i + 1));
+    }
+    uint64_t words[4];
+    _mm256_storeu_si256((__m256i *)words, _mm256_xor_si256(s0, s1));
+    atomic_fetch_add((_Atomic uint64_t *)j->out, words[0] ^ words[1] ^ words[2] ^ words[3]);
+}
+
+AVX512 static void read_part_avx512(const job_t *j, int64_t begin, int64_t end) {
+    const __m512i *p = (const __m512i *)j->w;
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+    int64_t i = begin;
+    for (; i + 1 < end; i += 2) {
+        s0 = _mm512_xor_si512(s0, _mm512_loadu_si512(p + i));
+        s1 = _mm512_xor_si512(s1, _mm512_loadu_si512(p + i + 1));
+    }
+    if (i < end) s0 = _mm512_xor_si512(s0, _mm512_loadu_si512(p + i));
+    uint64_t words[8];
+    _mm512_storeu_si512(words, _mm512_xor_si512(s0, s1));
+    atomic_fetch_add((_Atomic uint64_t *)j->out, words[0] ^ words[1] ^ words[2] ^ words[3] ^ words[4] ^ words[5] ^
+                                                     words[6] ^ words[7]);
+}
+#endif
+
+/* Reads n64 * 64 bytes with the same threads and the widest vectors the products use; *out gets a
+ * checksum (a sum of slices' words, or of their xors with vectors). */
 int gemv_read(const void *p, int64_t n64, uint64_t *out, int threads) {
     if (n64 < 1) return ERR_ARGS;
     pthread_mutex_lock(&call_lock);
     job_t job = {.w = p, .out = out};
-    run_parallel(read_part, &job, n64, 1024, threads);
+    part_fn fn = read_part;
+#if HAVE_X86
+    int path = gemv_best_path(KIND_INT8);
+    fn = path == PATH_AVX512 ? read_part_avx512 : path == PATH_AVX2 ? read_part_avx2 : read_part;
+#endif
+    run_parallel(fn, &job, n64, 1024, threads);
     pthread_mutex_unlock(&call_lock);
     return OK;
 }

@@ -322,6 +322,8 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
     scan: Annotated[bool, typer.Option("--scan", help="Time the RG-LRU scan alone: native vs PyTorch, "
                                                      "T = 1, 2048, 32768 at the 2B width.")] = False,
+    kernels: Annotated[bool, typer.Option("--kernels", help="Time the native CPU products alone: GB/s at the "
+                                                           "2B matrix shapes against a plain read and torch.")] = False,
     model: Annotated[Optional[Path], typer.Option(help="Bench this model file instead of random weights "
                                                        "(also times loading and start-up).")] = None,
     save: Annotated[Optional[Path], typer.Option(help="Write the random weights as a model file and stop "
@@ -364,7 +366,11 @@ def bench(
         path = save_random_model(shape.value, precision.value, save, seed)
         print(f"rgchat: wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
         return
-    if scan:
+    if kernels:
+        from rgchat.bench.kernels import kernel_table
+
+        results = kernel_table(rows=tuple(batch or (1, 8)), seed=seed)
+    elif scan:
         results = time_scan(dev, precision.value, seed=seed)
     elif state_file:
         import tempfile
@@ -389,7 +395,8 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"rgchat bench{' --scan' if scan else ''}: {precision.value} on {dev}")
+    title = " --kernels: native CPU products" if kernels else f"{' --scan' if scan else ''}: {precision.value} on {dev}"
+    table = Table(title=f"rgchat bench{title}")
     scalars = [k for k, v in results[0].items() if not isinstance(v, (dict, list))]
     for key in scalars:
         table.add_column(key, justify="right")

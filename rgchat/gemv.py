@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import re
 import sys
 
 import torch
@@ -43,11 +44,30 @@ def _load_library() -> ctypes.CDLL:
         "gemv_read": [p, i64, p, i32],
         "gemv_best_path": [i32],
         "gemv_supported": [i32, i32],
+        "gemv_use_openmp": [p, p, p],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib
+
+
+def _torch_openmp() -> tuple[int, int, int] | None:
+    """GOMP_parallel, omp_get_thread_num and omp_get_num_threads of the OpenMP runtime torch loaded (GNU,
+    Intel and LLVM runtimes all export them), found in this process's memory map (Linux); else None."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            maps = f.read()
+    except OSError:
+        return None
+    for path in sorted(set(re.findall(r"(/\S*lib(?:gomp|iomp5|omp)[^/\s]*\.so[^/\s]*)", maps))):
+        try:
+            runtime = ctypes.CDLL(path)  # already loaded: the same runtime, not a second one
+            return tuple(ctypes.cast(getattr(runtime, name), ctypes.c_void_p).value
+                         for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 def _check(status: int, what: str) -> None:
@@ -63,15 +83,23 @@ class CpuKernels:
         self.paths = {kind: forced if forced is not None else lib.gemv_best_path(code)
                       for kind, code in KINDS.items() if forced is None or lib.gemv_supported(forced, code)}
         self.owned_threads = 0  # while a step owns the cores (`owning_the_cores`): the products' threads
+        self.openmp = _torch_openmp()  # torch's OpenMP runtime, or None: the library's own threads
+        self.share_torch_threads(True)
+
+    def share_torch_threads(self, share: bool) -> None:
+        """Run the products on torch's own OpenMP threads (where torch's runtime is found), or on the
+        library's pool. A second pool would compete with torch's threads, which spin for a while after
+        each of torch's operations, for the same cores. Process-wide: the library is loaded once."""
+        self.lib.gemv_use_openmp(*(self.openmp if share and self.openmp else (None, None, None)))
 
     def threads(self) -> int:
         return self.owned_threads or torch.get_num_threads()
 
     @contextlib.contextmanager
     def owning_the_cores(self):
-        """Within it, the products run on all of torch's threads and torch's own operations on one: torch's
-        OpenMP threads spin for a while after each operation, and two pools spinning on the same cores
-        slow each other down several times over. For decode steps, whose other operations are small."""
+        """Within it, the products run on all of torch's threads and torch's own operations on one. For
+        decode steps: their other operations are hundreds of small ones, for which a team of threads costs
+        more than it saves, and which slow the products around them down (docs/kernels.md)."""
         threads = torch.get_num_threads()
         if threads == 1 or self.owned_threads:
             yield
@@ -87,7 +115,8 @@ class CpuKernels:
     def detail(self) -> str:
         """What runs, for `rgchat doctor`."""
         kinds = ", ".join(f"{kind} {PATH_NAMES[path]}" for kind, path in self.paths.items())
-        return f"C, {kinds}; {self.threads()} threads"
+        pool = "torch's OpenMP" if self.openmp else "own pool"
+        return f"C, {kinds}; {self.threads()} threads ({pool})"
 
     def _takes(self, kind: str, x: torch.Tensor, width: int) -> bool:
         return kind in self.paths and x.device.type == "cpu" and x.dim() == 2 and x.shape[-1] == width <= MAX_K

@@ -19,7 +19,8 @@ from torch import nn
 
 from rgchat.config import RECURRENT, GriffinConfig
 from rgchat import gemv
-from rgchat.quant import KERNEL_MAX_ROWS, Embedding, Linear, fuse_linears, prepare_model_, row_by_row
+from rgchat.quant import (Embedding, Linear, cpu_has_bf16, fuse_linears, native_takes, prepare_model_,
+                          row_by_row)
 from rgchat.scan import rglru
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
 
@@ -101,7 +102,7 @@ class RGLRU(nn.Module):
 
     def _gates(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both gates of x [rows, L], before their sigmoid."""
-        if self.native_gates is not None and rows.shape[0] <= KERNEL_MAX_ROWS:
+        if self.native_gates is not None and native_takes(rows.shape[0], cpu_has_bf16()):
             kernels, input_gate, recurrent_gate = self.native_gates
             heads = self.input_gate_weight.shape[0]
             gate_x, gate_a = kernels.bf16(rows, input_gate, heads), kernels.bf16(rows, recurrent_gate, heads)

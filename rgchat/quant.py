@@ -73,11 +73,18 @@ class Embedding(nn.Module):
         return linear(x, self.weight)
 
 
+def native_takes(rows: int, torch_is_fast: bool) -> bool:
+    """Whether a CPU product of `rows` activation rows goes to the native kernel: always up to
+    gemv.MAX_ROWS (decode steps), and up to KERNEL_MAX_ROWS unless torch has a fast product of many rows on
+    this CPU (oneDNN with VNNI or bfloat16 instructions runs a chunk far faster than passes of 8 rows)."""
+    return rows <= gemv.MAX_ROWS or (rows <= KERNEL_MAX_ROWS and not torch_is_fast)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b) for plain weights: bfloat16 rows on the CPU through the native kernel where it runs,
     everything else through torch."""
     rows = x.reshape(-1, x.shape[-1])
-    if (x.device.type == "cpu" and rows.shape[0] <= KERNEL_MAX_ROWS and (kernels := gemv.cpu_kernels())
+    if (x.device.type == "cpu" and native_takes(rows.shape[0], cpu_has_bf16()) and (kernels := gemv.cpu_kernels())
             and (out := kernels.bf16(rows, weight)) is not None):
         out = out.reshape(*x.shape[:-1], weight.shape[0])
         return out + bias if bias is not None else out
@@ -178,7 +185,8 @@ def _triton_gemv():
 def _int8_cpu(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """Few rows on the CPU: the native kernel, else torch's integer kernel where it is fast (VNNI; the
     same numbers), else torch's bfloat16-activation kernel; None where none takes these tensors."""
-    if (kernels := gemv.cpu_kernels()) and (out := kernels.int8(rows, q, scale)) is not None:
+    if (native_takes(rows.shape[0], cpu_has_vnni()) and (kernels := gemv.cpu_kernels())
+            and (out := kernels.int8(rows, q, scale)) is not None):
         return out
     if cpu_has_vnni():
         return int8_reference(rows, q, scale).to(rows.dtype)

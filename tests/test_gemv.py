@@ -35,12 +35,18 @@ def path(request) -> str:
     return request.param
 
 
-@pytest.fixture
-def threads():
-    """Runs the test body's products under each thread count, restoring torch's setting."""
+@pytest.fixture(params=["torch's OpenMP", "own pool"])
+def threads(request):
+    """The thread counts to run the test body's products under, on torch's OpenMP threads and on the
+    library's own pool in turn; restores torch's setting and the sharing."""
     before = torch.get_num_threads()
+    kernels = gemv.cpu_kernels()
+    if kernels and request.param == "own pool":
+        kernels.share_torch_threads(False)
     yield THREADS
     torch.set_num_threads(before)
+    if kernels:
+        kernels.share_torch_threads(True)
 
 
 def randn(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -182,12 +188,14 @@ def test_tensors_the_kernel_does_not_take_go_to_torch():
     assert out.shape == (1, 2) and torch.all(out == 0)
 
 
-def test_plain_read_sums_what_it_reads():
+def test_plain_read_reads_every_line():
     kernels = kernels_on("native")
-    words = torch.arange(4096, dtype=torch.int64)  # 512 lines of 64 bytes
-    lines = words.view(-1, 8)
-    want = int((lines[:, :4] ^ lines[:, 4:]).sum())
-    assert kernels.read(words) == want
+    words = torch.zeros(4096, dtype=torch.int64)  # 512 lines of 64 bytes
+    assert kernels.read(words) == 0
+    for at in (0, 1234, 4095):
+        words.zero_()
+        words[at] = 1 << 40
+        assert kernels.read(words) != 0, at
 
 
 PROMPT = torch.randint(0, BLOCKS.vocab_size, (70,), generator=torch.Generator().manual_seed(9)).tolist()
@@ -207,15 +215,26 @@ def test_int8_model_gives_the_same_logits_with_the_kernel_on_and_off(monkeypatch
     assert greedy_tokens(model, PROMPT, 40) == tokens_on and len(set(tokens_on)) > 5
 
 
-def test_bf16_greedy_output_is_the_same_with_the_kernel_on_and_off(monkeypatch):
+def decode_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    state = model.new_state()
+    model.prefill(torch.tensor(prompt), state)
+    return torch.stack([model.step(t, state) for t in tokens])
+
+
+def test_bf16_model_is_the_same_with_the_kernel_on_and_off(monkeypatch):
+    """Float sums in another order: the greedy tokens agree (on this model, everywhere measured) and the
+    logits nearly so, along the same tokens."""
     kernels_on("native")
     model = ready_for_device_(tiny_model(BLOCKS, seed=22, dtype=torch.bfloat16))
     assert all(m.native_gates is not None for m in model.modules() if isinstance(m, RGLRU))
-    tokens_on = greedy_tokens(model, PROMPT, 40)
+    tokens = greedy_tokens(model, PROMPT, 40)
+    on = decode_logits(model, PROMPT, tokens)
     monkeypatch.setenv(gemv.ENV_VAR, "torch")
-    off = ready_for_device_(tiny_model(BLOCKS, seed=22, dtype=torch.bfloat16))
-    assert all(m.native_gates is None for m in off.modules() if isinstance(m, RGLRU))
-    assert greedy_tokens(off, PROMPT, 40) == tokens_on and len(set(tokens_on)) > 5
+    off_model = ready_for_device_(tiny_model(BLOCKS, seed=22, dtype=torch.bfloat16))
+    assert all(m.native_gates is None for m in off_model.modules() if isinstance(m, RGLRU))
+    off = decode_logits(off_model, PROMPT, tokens)
+    assert torch.nn.functional.cosine_similarity(on, off, dim=-1).min() > 0.999
+    assert (on.argmax(-1) == off.argmax(-1)).float().mean() >= 0.95 and len(set(tokens)) > 5
 
 
 class Int4Formula:
