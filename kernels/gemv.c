@@ -19,8 +19,10 @@
  * Threads: a persistent pool splits the output rows; the calling thread takes the first slice. Plain C
  * with no Python or torch dependency, called through ctypes; bfloat16 tensors arrive as uint16 bits.
  */
+#ifndef GEMV_NO_PYTHON /* built alone (for another architecture, in the tests) without the module stub */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h> /* only for the module stub at the end */
+#endif
 
 #include <math.h>
 #include <pthread.h>
@@ -68,7 +70,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 /* ---- one product ------------------------------------------------------------------------------------- */
 
 typedef struct {
-    int kind, path, B, out_bf16;
+    int B, out_bf16;
     int64_t N, K, group;
     int group_shift;               /* int4: log2(group / 32) */
     int64_t rows_per_head, x_stride; /* bf16: each run of rows_per_head rows reads its own K inputs of the
@@ -579,7 +581,7 @@ int gemv_int8(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, cons
         xsum[b] = 0;
         for (int64_t k = 0; k < KV; k++) xsum[b] += xq[b * K + k];
     }
-    job_t job = {.kind = KIND_INT8, .path = path, .B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .rows_per_head = N, .w = w,
+    job_t job = {.B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .w = w,
                  .scale = scale, .xq = xq, .xsum = xsum, .xscale = xscale, .out = out};
     run_parallel(part_for(KIND_INT8, path), &job, N, 8, threads);
     pthread_mutex_unlock(&call_lock);
@@ -625,7 +627,7 @@ int gemv_int4(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, int
             }
         }
     }
-    job_t job = {.kind = KIND_INT4, .path = path, .B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .rows_per_head = N, .group = group,
+    job_t job = {.B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .group = group,
                  .group_shift = shift, .w = w, .scale = scale, .zero = zero, .xq = xq, .xgroup = xgroup, .xscale = xscale,
                  .out = out};
     run_parallel(part_for(KIND_INT4, path), &job, N, 8, threads);
@@ -649,7 +651,7 @@ int gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t heads, const uint
         return ERR_MEMORY;
     }
     for (int64_t i = 0; xf && i < B * width; i++) xf[i] = bf16_to_f32(x[i]);
-    job_t job = {.kind = KIND_BF16, .path = path, .B = (int)B, .out_bf16 = 1, .N = N, .K = K, .w = w, .xf = xf,
+    job_t job = {.B = (int)B, .out_bf16 = 1, .N = N, .K = K, .w = w, .xf = xf,
                  .xb = x, .out = out, .rows_per_head = N / heads, .x_stride = width};
     run_parallel(part_for(KIND_BF16, path), &job, N, 8, threads);
     pthread_mutex_unlock(&call_lock);
@@ -715,5 +717,7 @@ int gemv_read(const void *p, int64_t n64, uint64_t *out, int threads) {
     return OK;
 }
 
+#ifndef GEMV_NO_PYTHON
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gemv", "CPU matrix products (loaded through ctypes)", -1};
 PyMODINIT_FUNC PyInit__gemv(void) { return PyModule_Create(&module); }
+#endif

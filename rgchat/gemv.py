@@ -60,7 +60,9 @@ def _torch_openmp() -> tuple[int, int, int] | None:
             maps = f.read()
     except OSError:
         return None
-    for path in sorted(set(re.findall(r"(/\S*lib(?:gomp|iomp5|omp)[^/\s]*\.so[^/\s]*)", maps))):
+    own = os.path.dirname(torch.__file__)  # torch's own copy first, where another is loaded too
+    found = set(re.findall(r"(/\S*lib(?:gomp|iomp5|omp)[^/\s]*\.so[^/\s]*)", maps))
+    for path in sorted(found, key=lambda p: (not p.startswith(own), p)):
         try:
             runtime = ctypes.CDLL(path)  # already loaded: the same runtime, not a second one
             return tuple(ctypes.cast(getattr(runtime, name), ctypes.c_void_p).value

@@ -89,23 +89,20 @@ class RGLRU(nn.Module):
         self.input_gate_bias = _param(heads, block, dtype=dtype, device=device)
         self.recurrent_gate_weight = _param(heads, block, block, dtype=dtype, device=device)
         self.recurrent_gate_bias = _param(heads, block, dtype=dtype, device=device)
-        self.native_gates: tuple | None = None  # (kernels, input gate, recurrent gate) once readied for the CPU
-
-    def ready_native_gates_(self) -> None:
-        """On the CPU, bfloat16 gates of few rows run through the native kernel, which wants each head's
-        block as [out, in] rows: transposed copies (a small part of the weights) beside the originals,
-        which longer chunks still use."""
-        kernels = gemv.cpu_kernels()
-        if kernels and "bf16" in kernels.paths and self.input_gate_weight.dtype == torch.bfloat16:
-            rows = lambda w: w.transpose(1, 2).contiguous().view(-1, w.shape[1])  # noqa: E731
-            self.native_gates = (kernels, rows(self.input_gate_weight), rows(self.recurrent_gate_weight))
+        self.gate_rows: tuple | None = None  # both gates as [out, in] rows per head, once the native kernel ran
 
     def _gates(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both gates of x [rows, L], before their sigmoid."""
-        if self.native_gates is not None and native_takes(rows.shape[0], cpu_has_bf16()):
-            kernels, input_gate, recurrent_gate = self.native_gates
+        """Both gates of x [rows, L], before their sigmoid. On the CPU, bfloat16 gates of few rows run
+        through the native kernel, which wants each head's block as [out, in] rows: transposed copies (a
+        small part of the weights), made at first use, beside the originals that longer chunks use."""
+        native = (rows.device.type == "cpu" and self.input_gate_weight.dtype == torch.bfloat16
+                  and native_takes(rows.shape[0], cpu_has_bf16()))
+        if native and (kernels := gemv.cpu_kernels()) and "bf16" in kernels.paths:
+            if self.gate_rows is None:
+                self.gate_rows = tuple(w.transpose(1, 2).contiguous().view(-1, w.shape[1])
+                                       for w in (self.input_gate_weight, self.recurrent_gate_weight))
             heads = self.input_gate_weight.shape[0]
-            gate_x, gate_a = kernels.bf16(rows, input_gate, heads), kernels.bf16(rows, recurrent_gate, heads)
+            gate_x, gate_a = (kernels.bf16(rows, w, heads) for w in self.gate_rows)
             if gate_x is not None and gate_a is not None:
                 return gate_x + self.input_gate_bias.view(-1), gate_a + self.recurrent_gate_bias.view(-1)
         return (row_by_row(lambda r: self._gate(r, self.input_gate_weight, self.input_gate_bias), rows),
@@ -417,12 +414,7 @@ def fuse_projections_(model: Griffin) -> Griffin:
 
 def ready_for_device_(model: Griffin, packed: dict[str, torch.Tensor] | None = None) -> Griffin:
     """The last loading step, shared by model files and the bench's random models: quantized weights readied
-    for their device (`prepare_model_`, with int4's cached CPU packing if given); on the CPU the RG-LRU
-    gates readied for the native kernel, elsewhere the projections joined (`fuse_projections_`)."""
+    for their device (`prepare_model_`, with int4's cached CPU packing if given), and off the CPU the
+    projections joined (`fuse_projections_`)."""
     prepare_model_(model, packed)
-    if model.device.type != "cpu":
-        return fuse_projections_(model)
-    for module in model.modules():
-        if isinstance(module, RGLRU):
-            module.ready_native_gates_()
-    return model
+    return fuse_projections_(model) if model.device.type != "cpu" else model

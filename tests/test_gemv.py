@@ -1,7 +1,10 @@
 """The native CPU products (kernels/gemv.c through rgchat.gemv): every path this CPU runs, forced in turn,
 against exact references, for 1 to 8 rows (and more, taken 8 at a time) and 1 to 4 threads."""
 
+import shutil
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from conftest import BLOCKS, greedy_tokens, tiny_model
 from rgchat import gemv, quant
 from rgchat.cli import app
 from rgchat.errors import RGChatError
-from rgchat.model import RGLRU, ready_for_device_
+from rgchat.model import RGLRU
 
 # odd sizes and sizes that are not multiples of any vector width, beside the 2B model's width
 SHAPES = [(1, 1), (7, 31), (33, 100), (64, 256), (9, 130), (17, 2560), (40, 3000)]
@@ -202,16 +205,19 @@ PROMPT = torch.randint(0, BLOCKS.vocab_size, (70,), generator=torch.Generator().
 
 
 def test_int8_model_gives_the_same_logits_with_the_kernel_on_and_off(monkeypatch):
-    """Off, a VNNI CPU runs torch._int_mm on the same quantized rows: the very same numbers."""
-    kernels_on("native")
+    """Off, a VNNI CPU runs torch._int_mm on the same quantized rows: the very same logits, with the
+    bfloat16 gates left to torch in both runs. With everything native or everything torch's, the same
+    greedy tokens."""
+    kernels = kernels_on("native")
     model = quant.quantize_model(tiny_model(BLOCKS, seed=21), "int8")
-    state_on, state_off = model.new_state(), model.new_state()
-    on = model.prefill(torch.tensor(PROMPT[:40]), state_on)  # 40 rows: five calls of 8
     tokens_on = greedy_tokens(model, PROMPT, 40)
+    with monkeypatch.context() as only_int8:
+        only_int8.setattr(type(kernels), "bf16", lambda *args, **kwargs: None)
+        on = model.prefill(torch.tensor(PROMPT[:40]), model.new_state())  # 40 rows: five calls of 8
+        only_int8.setenv(gemv.ENV_VAR, "torch")
+        only_int8.setattr(quant, "cpu_has_vnni", lambda: True)
+        assert torch.equal(on, model.prefill(torch.tensor(PROMPT[:40]), model.new_state()))
     monkeypatch.setenv(gemv.ENV_VAR, "torch")
-    monkeypatch.setattr(quant, "cpu_has_vnni", lambda: True)
-    off = model.prefill(torch.tensor(PROMPT[:40]), state_off)
-    assert torch.equal(on, off)
     assert greedy_tokens(model, PROMPT, 40) == tokens_on and len(set(tokens_on)) > 5
 
 
@@ -225,14 +231,12 @@ def test_bf16_model_is_the_same_with_the_kernel_on_and_off(monkeypatch):
     """Float sums in another order: the greedy tokens agree (on this model, everywhere measured) and the
     logits nearly so, along the same tokens."""
     kernels_on("native")
-    model = ready_for_device_(tiny_model(BLOCKS, seed=22, dtype=torch.bfloat16))
-    assert all(m.native_gates is not None for m in model.modules() if isinstance(m, RGLRU))
+    model = tiny_model(BLOCKS, seed=22, dtype=torch.bfloat16)
     tokens = greedy_tokens(model, PROMPT, 40)
     on = decode_logits(model, PROMPT, tokens)
+    assert all(m.gate_rows is not None for m in model.modules() if isinstance(m, RGLRU))  # the gates went native
     monkeypatch.setenv(gemv.ENV_VAR, "torch")
-    off_model = ready_for_device_(tiny_model(BLOCKS, seed=22, dtype=torch.bfloat16))
-    assert all(m.native_gates is None for m in off_model.modules() if isinstance(m, RGLRU))
-    off = decode_logits(off_model, PROMPT, tokens)
+    off = decode_logits(model, PROMPT, tokens)
     assert torch.nn.functional.cosine_similarity(on, off, dim=-1).min() > 0.999
     assert (on.argmax(-1) == off.argmax(-1)).float().mean() >= 0.95 and len(set(tokens)) > 5
 
@@ -284,6 +288,12 @@ def test_a_missing_library_falls_back_with_one_notice(monkeypatch, capsys):
         gemv._kernels_for.cache_clear()
 
 
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler: torch's products")
+def test_the_install_builds_the_native_products():
+    """Where a C compiler exists, the README's install command compiles kernels/gemv.c."""
+    assert gemv._kernels_for("auto") is not None
+
+
 def test_a_bad_choice_is_refused(monkeypatch):
     monkeypatch.setenv(gemv.ENV_VAR, "fastest")
     with pytest.raises(RGChatError, match="RGCHAT_GEMV='fastest'"):
@@ -296,3 +306,18 @@ def test_doctor_names_the_paths(monkeypatch):
     assert "matrix products (cpu): native (C, int8 " in out
     monkeypatch.setenv(gemv.ENV_VAR, "torch")
     assert "matrix products (cpu): torch" in CliRunner().invoke(app, ["doctor"]).stdout
+
+
+CROSS_CC, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+
+
+@pytest.mark.skipif(not (CROSS_CC and QEMU), reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 "
+                                                  "(Debian: gcc-aarch64-linux-gnu, qemu-user)")
+def test_the_portable_path_builds_and_passes_on_arm(tmp_path):
+    """No Arm path yet: Arm CPUs run the portable C, checked here (cross-built, under emulation) against
+    references written out in tests/gemv_check.c."""
+    root, exe = Path(__file__).parent.parent, tmp_path / "gemv_check"
+    subprocess.run([CROSS_CC, "-O2", "-static", "-DGEMV_NO_PYTHON", str(root / "tests" / "gemv_check.c"),
+                    str(root / "kernels" / "gemv.c"), "-o", str(exe), "-lpthread", "-lm"], check=True)
+    run = subprocess.run([QEMU, str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr

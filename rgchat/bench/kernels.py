@@ -66,7 +66,9 @@ def kernel_table(rows: tuple[int, ...] = (1, 8), formats: tuple[str, ...] = FORM
             first = _weights(fmt, n, k, gen)
             nbytes = sum(t.numel() * t.element_size() for t in first)
             copies = [first] + [_weights(fmt, n, k, gen) for _ in range(COPIES_BYTES // nbytes - 1)]
-            read = nbytes / _seconds_per_call(lambda w: [kernels.read(t) for t in w], copies) / 1e9
+            flat = [torch.ones(nbytes, dtype=torch.uint8) for _ in copies]  # the same bytes, as one buffer each
+            read = nbytes / _seconds_per_call(kernels.read, flat) / 1e9
+            del flat
             for r in rows:
                 x = torch.randn(r, k, generator=gen).to(torch.bfloat16)
                 native = nbytes / _seconds_per_call(lambda w: products[fmt](x, *w), copies) / 1e9
