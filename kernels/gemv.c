@@ -594,6 +594,7 @@ int gemv_int4(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, int
     if (path == PATH_AUTO) path = gemv_best_path(KIND_INT4);
     int status = check(N, K, B, path, KIND_INT4);
     if (status != OK) return status;
+    if (group < 32 || group > K) return ERR_ARGS;
     int shift = 0;
     while ((32 << shift) < group) shift++;
     if ((32 << shift) != group || K % group) return ERR_ARGS;

@@ -4,7 +4,9 @@ int8 and int4 weights multiply activation rows quantized to int8 (one scale a ro
 `quant.int8_reference` computes with torch._int_mm), bf16 weights multiply bf16 rows; MAX_ROWS rows a call,
 more taken MAX_ROWS at a time. Each row's result is the same whatever rows come with it. The library is
 optional: `cpu_kernels()` is None without it (with one notice on stderr) or with RGCHAT_GEMV=torch, and
-quant.py then uses torch's products. RGCHAT_GEMV=portable|avx2|avx512 forces one path of the kernels.
+quant.py then uses torch's products (int4 chooses its layout when its weights are readied).
+RGCHAT_GEMV=portable|avx2|avx512 forces one path of the kernels. "The same numbers" holds for finite
+activations: a row holding NaN or infinity gives what the kernel's clamping makes of it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import os
 import re
 import sys
+import threading
 
 import torch
 
@@ -85,6 +88,7 @@ class CpuKernels:
         self.paths = {kind: forced if forced is not None else lib.gemv_best_path(code)
                       for kind, code in KINDS.items() if forced is None or lib.gemv_supported(forced, code)}
         self.owned_threads = 0  # while a step owns the cores (`owning_the_cores`): the products' threads
+        self._owner = threading.Lock()  # one step owns the cores at a time; others run as they are
         self.openmp = _torch_openmp()  # torch's OpenMP runtime, or None: the library's own threads
         self.share_torch_threads(True)
 
@@ -103,7 +107,7 @@ class CpuKernels:
         decode steps: their other operations are hundreds of small ones, for which a team of threads costs
         more than it saves, and which slow the products around them down (docs/kernels.md)."""
         threads = torch.get_num_threads()
-        if threads == 1 or self.owned_threads:
+        if threads == 1 or not self._owner.acquire(blocking=False):
             yield
             return
         self.owned_threads = threads
@@ -113,6 +117,7 @@ class CpuKernels:
         finally:
             torch.set_num_threads(threads)
             self.owned_threads = 0
+            self._owner.release()
 
     def detail(self) -> str:
         """What runs, for `rgchat doctor`."""
@@ -138,7 +143,7 @@ class CpuKernels:
         where the kernel does not take these tensors."""
         if (not self._takes("int8", x, q.shape[1]) or x.dtype not in (torch.float32, torch.bfloat16)
                 or q.dtype != torch.int8 or scale.dtype != torch.bfloat16 or not q.is_contiguous()
-                or not scale.is_contiguous()):
+                or scale.shape != q.shape[:1] or not scale.is_contiguous()):
             return None
         n, k, threads, path = q.shape[0], q.shape[1], self.threads(), self.paths["int8"]
         bf16 = int(x.dtype == torch.bfloat16)
@@ -154,8 +159,9 @@ class CpuKernels:
         k, groups = packed.shape[1] * 2, scale.shape[1] if scale.dim() == 2 else 0
         group = k // groups if groups else 0
         return ("int4" in self.paths and packed.device.type == "cpu" and 0 < k <= MAX_K and group >= 32
-                and group * groups == k and (group // 32) & (group // 32 - 1) == 0 and packed.dtype == torch.uint8
-                and packed.is_contiguous() and zero.shape == scale.shape
+                and group % 32 == 0 and group * groups == k and (group // 32) & (group // 32 - 1) == 0
+                and packed.dtype == torch.uint8 and packed.is_contiguous() and zero.shape == scale.shape
+                and scale.shape[0] == packed.shape[0]
                 and all(t.is_contiguous() and t.dtype == torch.bfloat16 for t in (scale, zero)))
 
     def int4(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,

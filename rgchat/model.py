@@ -19,8 +19,7 @@ from torch import nn
 
 from rgchat.config import RECURRENT, GriffinConfig
 from rgchat import gemv
-from rgchat.quant import (Embedding, Linear, cpu_has_bf16, fuse_linears, native_takes, prepare_model_,
-                          row_by_row)
+from rgchat.quant import Embedding, Linear, fuse_linears, native_takes, prepare_model_, row_by_row
 from rgchat.scan import rglru
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
 
@@ -96,7 +95,7 @@ class RGLRU(nn.Module):
         through the native kernel, which wants each head's block as [out, in] rows: transposed copies (a
         small part of the weights), made at first use, beside the originals that longer chunks use."""
         native = (rows.device.type == "cpu" and self.input_gate_weight.dtype == torch.bfloat16
-                  and native_takes(rows.shape[0], cpu_has_bf16()))
+                  and native_takes(rows.shape[0]))
         if native and (kernels := gemv.cpu_kernels()) and "bf16" in kernels.paths:
             if self.gate_rows is None:
                 self.gate_rows = tuple(w.transpose(1, 2).contiguous().view(-1, w.shape[1])

@@ -73,18 +73,19 @@ class Embedding(nn.Module):
         return linear(x, self.weight)
 
 
-def native_takes(rows: int, torch_is_fast: bool) -> bool:
-    """Whether a CPU product of `rows` activation rows goes to the native kernel: always up to
-    gemv.MAX_ROWS (decode steps), and up to KERNEL_MAX_ROWS unless torch has a fast product of many rows on
-    this CPU (oneDNN with VNNI or bfloat16 instructions runs a chunk far faster than passes of 8 rows)."""
-    return rows <= gemv.MAX_ROWS or (rows <= KERNEL_MAX_ROWS and not torch_is_fast)
+def native_takes(rows: int, torch_same_and_fast: bool = False) -> bool:
+    """Whether a CPU product of `rows` activation rows goes to the native kernel: up to KERNEL_MAX_ROWS, so
+    that a row's result never changes with the batch it is in, except beyond gemv.MAX_ROWS where torch
+    computes the same numbers faster (int8 through oneDNN with VNNI runs a chunk far faster than passes
+    of 8 rows)."""
+    return rows <= gemv.MAX_ROWS or (rows <= KERNEL_MAX_ROWS and not torch_same_and_fast)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b) for plain weights: bfloat16 rows on the CPU through the native kernel where it runs,
     everything else through torch."""
     rows = x.reshape(-1, x.shape[-1])
-    if (x.device.type == "cpu" and native_takes(rows.shape[0], cpu_has_bf16()) and (kernels := gemv.cpu_kernels())
+    if (x.device.type == "cpu" and native_takes(rows.shape[0]) and (kernels := gemv.cpu_kernels())
             and (out := kernels.bf16(rows, weight)) is not None):
         out = out.reshape(*x.shape[:-1], weight.shape[0])
         return out + bias if bias is not None else out

@@ -186,6 +186,9 @@ def test_tensors_the_kernel_does_not_take_go_to_torch():
     assert kernels.int8(torch.ones(1, gemv.MAX_K + 32), wide, scale[:2]) is None  # sums could overflow
     packed, s, z = quant.quantize_int4(randn(4, 96, seed=2))
     assert not kernels.takes_int4(packed, s[:, :1].contiguous(), z[:, :1].contiguous())  # group of 96
+    assert not kernels.takes_int4(packed, s[:, :2].contiguous(), z[:, :2].contiguous())  # group of 48
+    assert not kernels.takes_int4(packed, s[:3], z[:3])  # fewer scale rows than weight rows
+    assert kernels.int8(randn(1, 64, seed=1), q, scale[:4]) is None  # a scale per output row, or nothing
     x = torch.ones(1, gemv.MAX_K + 32)
     out = quant.int8_matmul(x, wide, scale[:2])  # quant falls back to torch's product
     assert out.shape == (1, 2) and torch.all(out == 0)

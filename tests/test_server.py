@@ -237,6 +237,7 @@ def test_an_uncut_answer_runs_long(srv):
 def test_the_cache_survives_a_restart_and_a_damaged_file_is_dropped(model_file, tmp_path):
     messages = [{"role": "user", "content": "Hello there"}]
     with running(model_file, tmp_path) as first:
+        assert first.worker.ready.wait(30)  # asked while loading, the client's retries may run out
         answer, _ = ask(first.client(), messages)
         wait_for(lambda: list(tmp_path.glob("*/*.state")))  # written by the cache's own thread
         files = list(tmp_path.glob("*/*.state"))
@@ -246,6 +247,7 @@ def test_the_cache_survives_a_restart_and_a_damaged_file_is_dropped(model_file, 
     shown = run_cli("state", "show", str(files[0]))  # a cache file is a state file like any other
     assert shown.returncode == 0 and "Hello there" in shown.stdout and answer in shown.stdout
     with running(model_file, tmp_path) as second:
+        assert second.worker.ready.wait(30)
         resumed, reply = ask(second.client(), follow)
         assert reply.usage.prompt_tokens_details.cached_tokens > 0 and resumed == in_memory
 
@@ -253,6 +255,7 @@ def test_the_cache_survives_a_restart_and_a_damaged_file_is_dropped(model_file, 
     data[-100] ^= 0xFF
     files[0].write_bytes(bytes(data))
     with running(model_file, tmp_path) as third:
+        assert third.worker.ready.wait(30)
         _, reply = ask(third.client(), follow)
         assert reply.usage.prompt_tokens_details.cached_tokens == 0
         assert any("cache: dropped" in line and files[0].name in line for line in third.lines)
