@@ -31,6 +31,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_X86 1
 #include <immintrin.h>
@@ -49,23 +51,6 @@ enum { OK = 0, ERR_ARGS = 1, ERR_PATH = 2, ERR_MEMORY = 3 };
 #define MAX_ROWS 8
 #define MAX_K 65536 /* keeps every int32 sum exact: 65536 * 255 * 128 < 2^31 */
 #define MAX_THREADS 64
-
-/* ---- scalar helpers ---------------------------------------------------------------------------------- */
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* ---- one product ------------------------------------------------------------------------------------- */
 

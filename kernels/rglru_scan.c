@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_THREADS 64
 
 typedef struct {
@@ -33,21 +35,6 @@ typedef struct {
     int64_t T, L, c0, c1;
     int bf16;
 } job_t;
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* exp(x) - 1, inlined so that the channel loop vectorises without calls into libm (which would spill
  * every vector register). x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2); expm1(r) =
