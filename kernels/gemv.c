@@ -517,24 +517,104 @@ static void *scratch_of(size_t size) {
 
 /* Row `row` of x to int8 with one scale, exactly as torch computes it: max|x| clamped to 1e-12, divided by
  * 127; each value divided by that scale and rounded half to even (adding and taking away 1.5 * 2^23 rounds
- * in the default rounding mode without a call into libm). `f` receives the row as float. Plain loops that
- * the compiler vectorises. */
-static void quantize_row(const void *x, int x_bf16, int64_t row, int64_t K, float *f, int8_t *xq, float *xscale) {
+ * in the default rounding mode without a call into libm). `f` receives the row as float. The SIMD loops
+ * give the same bits as the plain ones: the same IEEE divisions and additions, and a maximum that skips
+ * NaN as `a > amax ? a : amax` does. */
+static float row_amax_portable(const float *f, int64_t k, int64_t K, float amax) {
+    for (; k < K; k++) {
+        const float a = fabsf(f[k]);
+        amax = a > amax ? a : amax;
+    }
+    return amax;
+}
+
+static void row_to_int8_portable(const float *f, int64_t k, int64_t K, float scale, int8_t *xq) {
+    const float magic = 12582912.0f;
+    for (; k < K; k++) {
+        float q = (f[k] / scale + magic) - magic;
+        q = q > 127.0f ? 127.0f : q; /* only NaN or infinity reach these clamps */
+        xq[k] = (int8_t)(q >= -127.0f ? q : -127.0f);
+    }
+}
+
+#if HAVE_X86
+AVX2 static float row_amax_avx2(const float *f, int64_t K) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(f + k), magnitude), m);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1)); /* no lane holds NaN */
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return row_amax_portable(f, k, K, _mm_cvtss_f32(h));
+}
+
+AVX2 static void row_to_int8_avx2(const float *f, int64_t K, float scale, int8_t *xq) {
+    const __m256 s = _mm256_set1_ps(scale), magic = _mm256_set1_ps(12582912.0f);
+    const __m256 top = _mm256_set1_ps(127.0f), bottom = _mm256_set1_ps(-127.0f);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 q = _mm256_sub_ps(_mm256_add_ps(_mm256_div_ps(_mm256_loadu_ps(f + k), s), magic), magic);
+        q = _mm256_blendv_ps(q, top, _mm256_cmp_ps(q, top, _CMP_GT_OQ));
+        q = _mm256_blendv_ps(bottom, q, _mm256_cmp_ps(q, bottom, _CMP_GE_OQ));
+        const __m256i i = _mm256_cvtps_epi32(q);
+        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storel_epi64((__m128i *)(xq + k), _mm_packs_epi16(i16, i16));
+    }
+    row_to_int8_portable(f, k, K, scale, xq);
+}
+
+AVX512 static float row_amax_avx512(const float *f, int64_t K) {
+    __m512 m = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(f + k)), m);
+    return row_amax_portable(f, k, K, _mm512_reduce_max_ps(m)); /* no lane holds NaN */
+}
+
+AVX512 static void row_to_int8_avx512(const float *f, int64_t K, float scale, int8_t *xq) {
+    const __m512 s = _mm512_set1_ps(scale), magic = _mm512_set1_ps(12582912.0f);
+    const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 q = _mm512_sub_ps(_mm512_add_ps(_mm512_div_ps(_mm512_loadu_ps(f + k), s), magic), magic);
+        q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(q, top, _CMP_GT_OQ), q, top);
+        q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(q, bottom, _CMP_GE_OQ), bottom, q);
+        _mm_storeu_si128((__m128i *)(xq + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+    }
+    row_to_int8_portable(f, k, K, scale, xq);
+}
+#endif
+
+#if HAVE_X86
+/* sum of n int8 values, n a multiple of 64 */
+AVX512 static int32_t int8_sum_avx512(const int8_t *x, int64_t n) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t k = 0; k < n; k += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(x + k));
+    return _mm512_reduce_add_epi32(acc);
+}
+#endif
+
+static void quantize_row(int path, const void *x, int x_bf16, int64_t row, int64_t K, float *f, int8_t *xq,
+                         float *xscale) {
     if (x_bf16)
         for (int64_t k = 0; k < K; k++) f[k] = bf16_to_f32(((const uint16_t *)x)[row * K + k]);
     else
         memcpy(f, (const float *)x + row * K, K * sizeof(float));
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; k++) {
-        const float a = fabsf(f[k]);
-        amax = a > amax ? a : amax;
-    }
-    const float scale = (amax > 1e-12f ? amax : 1e-12f) / 127.0f, magic = 12582912.0f;
-    for (int64_t k = 0; k < K; k++) {
-        float q = (f[k] / scale + magic) - magic;
-        q = q > 127.0f ? 127.0f : q;          /* only NaN or infinity reach these clamps */
-        xq[k] = (int8_t)(q >= -127.0f ? q : -127.0f);
-    }
+    float amax;
+#if HAVE_X86
+    if (path == PATH_AVX512) amax = row_amax_avx512(f, K);
+    else if (path == PATH_AVX2) amax = row_amax_avx2(f, K);
+    else
+#endif
+        amax = row_amax_portable(f, 0, K, 0.0f);
+    const float scale = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+#if HAVE_X86
+    if (path == PATH_AVX512) row_to_int8_avx512(f, K, scale, xq);
+    else if (path == PATH_AVX2) row_to_int8_avx2(f, K, scale, xq);
+    else
+#endif
+        row_to_int8_portable(f, 0, K, scale, xq);
     *xscale = scale;
 }
 
@@ -562,9 +642,11 @@ int gemv_int8(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, cons
     int8_t *xq = (int8_t *)(xsum + B);
     const int64_t KV = K & ~(int64_t)63;
     for (int64_t b = 0; b < B; b++) {
-        quantize_row(x, x_bf16, b, K, f, xq + b * K, xscale + b);
-        xsum[b] = 0;
-        for (int64_t k = 0; k < KV; k++) xsum[b] += xq[b * K + k];
+        quantize_row(path, x, x_bf16, b, K, f, xq + b * K, xscale + b);
+        xsum[b] = 0; /* the AVX-512 path's correction term */
+#if HAVE_X86
+        if (path == PATH_AVX512) xsum[b] = int8_sum_avx512(xq + b * K, KV);
+#endif
     }
     job_t job = {.B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .w = w,
                  .scale = scale, .xq = xq, .xsum = xsum, .xscale = xscale, .out = out};
@@ -594,7 +676,7 @@ int gemv_int4(const uint8_t *w, const uint16_t *scale, const uint16_t *zero, int
     int8_t *xq = (int8_t *)(xgroup + B * G), *plain = xq + B * pairs * 64;
     for (int64_t b = 0; b < B; b++) {
         int8_t *row = path == PATH_PORTABLE ? xq + b * K : plain + b * K;
-        quantize_row(x, x_bf16, b, K, f, row, xscale + b);
+        quantize_row(path, x, x_bf16, b, K, f, row, xscale + b);
         for (int64_t g = 0; g < G; g++) {
             int32_t s = 0;
             for (int64_t k = g * group; k < (g + 1) * group; k++) s += row[k];

@@ -155,6 +155,18 @@ def test_paths_agree_where_their_arithmetic_is_the_same():
     x = randn(4, 1000, seed=4).bfloat16()
     outs = [k.int8(x, q, scale) for k in kernels if "int8" in k.paths]
     assert len(outs) > 1 and all(torch.equal(o, outs[0]) for o in outs)
+    # rows the vector quantization treats as the plain loop does: non-finite values (the maximum skips NaN),
+    # signed zeros, values that round to the clamps, a zero row; the vector parts and the tails
+    special = randn(6, 1000, seed=5)
+    special[0, [3, 500, 999]] = float("nan")
+    special[1, [7, 640]] = float("inf")
+    special[2, 10] = float("-inf")
+    special[3] = 0.0
+    special[3, 1::2] = -0.0
+    special[4, 998] = 1e30
+    special[5] = 1e-40
+    outs = [k.int8(special, q, scale) for k in kernels if "int8" in k.paths]  # int4 quantizes the same way
+    assert all(torch.equal(o.view(torch.int32), outs[0].view(torch.int32)) for o in outs)
 
 
 def test_products_from_several_threads_at_once_are_each_right():
