@@ -14,20 +14,58 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 from typer.exceptions import TyperException
 
+from rgchat import __version__
 from rgchat import device as device_lib
 from rgchat.config import PRESETS
 from rgchat.settings import DEFAULTS, HELP, SettingError, Settings
 from rgchat.errors import RGChatError, UsageError
-from rgchat.quant import PRECISIONS
+from rgchat.quant import DEFAULT_PRECISION, PRECISIONS
+
+
+class FlagsTakeNoValue:
+    """Help writes a flag bare (`--json`), without the `<bool>` typer puts after it: a flag takes no value."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag:
+                param.metavar = ""
+        return params
+
+
+class Command(FlagsTakeNoValue, TyperCommand):
+    pass
+
+
+class Group(FlagsTakeNoValue, TyperGroup):
+    pass
+
 
 app = typer.Typer(
+    cls=Group,
     help="Chat with RecurrentGemma models on your own machine, in constant memory.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def print_version(wanted: bool) -> None:
+    if wanted:
+        print(f"rgchat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def app_options(
+    version: Annotated[bool, typer.Option("--version", callback=print_version, is_eager=True,
+                                          help="Print rgchat's version and exit.")] = False,
+) -> None:
+    """The options that come before the command: --version (and --help)."""
+
 
 def user_errors(command: Callable) -> Callable:
     """Turn the errors users can cause into one line on stderr and an exit code, never a traceback. Anything
@@ -63,10 +101,12 @@ Device = Enum("Device", {name: name for name in device_lib.CHOICES}, type=str)
 Shape = Enum("Shape", {name: name for name in PRESETS}, type=str)
 Compare = Enum("Compare", {"hf": "hf"}, type=str)
 PrecisionOpt = Annotated[Precision, typer.Option(help="Weight precision.")]
-DeviceOpt = Annotated[Device, typer.Option(help="auto picks CUDA, then MPS, then CPU.")]
+DeviceOpt = Annotated[Device, typer.Option(help="Device to run on; auto picks CUDA, then MPS, then CPU.")]
+LOAD_PRECISION_HELP = (f"Weights to convert a checkpoint or Hub model to (by default {DEFAULT_PRECISION}); a model "
+                       "converted already must hold these.")
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def run(
     model: Annotated[str, typer.Argument(help="A Hub alias (2b, 2b-it, 9b, 9b-it) or hf:OWNER/REPO, downloaded "
@@ -92,8 +132,7 @@ def run(
                                                                  "on stderr.")] = False,
     state: Annotated[Optional[Path], typer.Option(help="Resume the conversation saved in this file (start one "
                                                        "if it does not exist) and save it after every turn.")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(
-        help="Weights to convert a checkpoint to (by default int8).")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help=LOAD_PRECISION_HELP)] = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Chat with a model: interactively in a terminal, or answer PROMPT and/or stdin and exit."""
@@ -144,13 +183,13 @@ def run(
             conversation.close()
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def convert(
     source: Annotated[str, typer.Argument(help="A Hugging Face folder or an official .pt checkpoint.")],
     precision: Annotated[Precision, typer.Option(help="Weight format to store.")] = Precision.int8,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Model file to write "
-                                                   "[default: into the store, as NAME-PRECISION].")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Model file to write (by default "
+                                                   "into the store, as NAME-PRECISION).")] = None,
 ) -> None:
     """Convert a checkpoint into one rgchat model file (tokenizer.model is copied beside it)."""
     from rgchat.checkpoint import Checkpoint
@@ -163,18 +202,18 @@ def convert(
     print(f"rgchat: wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def pull(
-    model: Annotated[str, typer.Argument(help="An alias (2b, 2b-it, 9b, 9b-it) or hf:OWNER/REPO[@REVISION].")],
+    model: Annotated[str, typer.Argument(help="An alias (2b, 2b-it, 9b, 9b-it) or hf:OWNER/REPO, "
+                                            "optionally with @REVISION.")],
     precision: Annotated[Optional[Precision], typer.Option(
-        help="Weights to convert to (by default int8, or bf16 when CUDA is present).")] = None,
+        help=f"Weights to download or convert to (by default {DEFAULT_PRECISION}).")] = None,
     keep_original: Annotated[bool, typer.Option("--keep-original", help="Keep the downloaded checkpoint "
                                                                        "files after conversion.")] = False,
 ) -> None:
     """Download a model from the Hugging Face Hub (resuming, verified) and convert it into the store."""
     from rgchat import hub
-    from rgchat.quant import DEFAULT_PRECISION
 
     remote = hub.parse(model)
     if remote is None:
@@ -185,7 +224,7 @@ def pull(
     print(f"rgchat: {path.parent.name} is ready ({path.stat().st_size / 2**30:.2f} GiB)", file=sys.stderr)
 
 
-@app.command("list")
+@app.command("list", cls=Command)
 @user_errors
 def list_models(
     available: Annotated[bool, typer.Option("--available", help="List the Hub aliases and their sizes per "
@@ -208,7 +247,7 @@ def list_models(
         print(f"{e.name}\t{e.precision}\t{e.size / 2**30:.2f} GiB\t{f'DAMAGED: {e.damage}' if e.damage else e.source}")
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def show(model: Annotated[str, typer.Argument(help="A model in the store, its folder, or a model file.")]) -> None:
     """Show a model's config, precision, sizes and state size."""
@@ -241,7 +280,7 @@ def show(model: Annotated[str, typer.Argument(help="A model in the store, its fo
         print(f"{label}: {value}")
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def verify(model: Annotated[str, typer.Argument(help="A model in the store, its folder, or a model file.")]) -> None:
     """Hash every tensor and the tokenizer against the checksums recorded when the model was made (loading
@@ -253,7 +292,7 @@ def verify(model: Annotated[str, typer.Argument(help="A model in the store, its 
         print(f"{label}: {value}")
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def rm(model: Annotated[str, typer.Argument(help="A model in the store.")]) -> None:
     """Remove a model from the store."""
@@ -263,12 +302,12 @@ def rm(model: Annotated[str, typer.Argument(help="A model in the store.")]) -> N
     print(f"rgchat: removed {model}", file=sys.stderr)
 
 
-state_app = typer.Typer(help="Inspect saved conversations (state files) and move them to another model.",
-                        no_args_is_help=True)
+state_app = typer.Typer(cls=Group, help="Inspect saved conversations (state files) and move them to another "
+                        "model.", no_args_is_help=True)
 app.add_typer(state_app, name="state")
 
 
-@state_app.command("show")
+@state_app.command("show", cls=Command)
 @user_errors
 def state_show(file: Annotated[Path, typer.Argument(help="A state file written by --state or /save.")]) -> None:
     """Print a state file's model, position, settings and transcript."""
@@ -281,14 +320,14 @@ def state_show(file: Annotated[Path, typer.Argument(help="A state file written b
         print(f"\n[{turn.role}]\n{turn.text}")
 
 
-@state_app.command("replay")
+@state_app.command("replay", cls=Command)
 @user_errors
 def state_replay(
     file: Annotated[Path, typer.Argument(help="A state file written by --state or /save.")],
     model: Annotated[str, typer.Option(help="The model to continue the conversation with (as `run` takes it).")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the rebuilt state "
-                                                   "[default: replace FILE].")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="Weights to convert a checkpoint to.")] = None,
+                                                   "(by default it replaces FILE).")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help=LOAD_PRECISION_HELP)] = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Rebuild a conversation's state for another model or precision by prefilling its transcript."""
@@ -307,17 +346,18 @@ def state_replay(
           f"into {out.path}", file=sys.stderr)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def bench(
     shape: Annotated[Shape, typer.Option(help="Model shape.")] = Shape["2b"],
     precision: PrecisionOpt = Precision.bf16,
-    device: DeviceOpt = Device.cpu,
+    device: Annotated[Device, typer.Option(show_default=False, help="Device to run on (by default cpu; auto picks "
+                                                                  "CUDA, then MPS, then CPU).")] = Device.cpu,
     prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length for the prefill timing.")] = 256,
     gen_tokens: Annotated[int, typer.Option(min=0, help="Tokens to decode for the decode timing.")] = 16,
     batch: Annotated[Optional[list[int]], typer.Option(min=1, max=64, help="Conversations (distinct prompts) "
                      "decoded together, one batched step per token; repeat it to measure several, one after "
-                     "another (by default 1).")] = None,
+                     "another (by default 1). With --kernels: rows per product (by default 1 and 8).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random weights and prompt.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
     scan: Annotated[bool, typer.Option("--scan", help="Time the RG-LRU scan alone: native vs PyTorch, "
@@ -425,7 +465,7 @@ def parse_size(text: str, flag: str) -> int:
 DEFAULT_PARALLEL = {"cpu": 4, "cuda": 8, "mps": 2}
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def serve(
     model: Annotated[str, typer.Argument(help="The model, named as for `rgchat run`.")],
@@ -443,8 +483,7 @@ def serve(
                                                            "default .server-cache in the store).")] = None,
     cache_memory: Annotated[str, typer.Option(help="Snapshots kept in memory.")] = "2GiB",
     cache_disk: Annotated[str, typer.Option(help="Snapshots kept on disk (0: none).")] = "10GiB",
-    precision: Annotated[Optional[Precision], typer.Option(
-        help="Weights to convert a checkpoint to (by default int8).")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help=LOAD_PRECISION_HELP)] = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Serve MODEL over OpenAI's API; every conversation's snapshot is kept, so a follow-up reads only its
@@ -452,7 +491,6 @@ def serve(
     import dataclasses
 
     from rgchat import loader, server, serving
-    from rgchat.quant import DEFAULT_PRECISION
     from rgchat.snapshots import SnapshotCache
     from rgchat.store import store_dir
 
@@ -475,7 +513,7 @@ def serve(
     server.serve(worker, host, port, api_key, max_prompt_tokens, log)
 
 
-@app.command()
+@app.command(cls=Command)
 @user_errors
 def doctor() -> None:
     """Print versions, devices, the active scan backend per device, and where models and caches live."""

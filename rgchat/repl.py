@@ -30,9 +30,13 @@ PROMPT, MORE = ">>> ", "... "
 FENCE = '"""'
 HISTORY_LINES = 1000
 
+# What /set can change: every generation setting but the stop strings, and the system text.
+SETTINGS = (*(name for name in settings_lib.NAMES if name != "stop"), "system")
+
 HELP = f"""\
 /help                 this list
-/set                  show the settings; /set NAME VALUE changes one (see below)
+/set                  show the settings; /set NAME VALUE changes one, NAME being one of:
+                      {", ".join(SETTINGS)}
 /show                 model, settings, position and state size
 /stats                what the last answer cost
 /clear                start a fresh conversation (/undo brings the last one back)
@@ -50,10 +54,6 @@ MAX_HISTORY_BYTES = 16 << 20
 def history_path() -> Path:
     home = os.environ.get("RGCHAT_HOME")
     return Path(home) / "history" if home else Path(platformdirs.user_state_dir("rgchat")) / "history"
-
-
-# What /set can change: every generation setting but the stop strings, and the system text.
-SETTINGS = (*(name for name in settings_lib.NAMES if name != "stop"), "system")
 
 
 def get_setting(session: ChatSession, name: str):

@@ -12,8 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import CYCLES, greedy_tokens, run_cli as rgchat, tiny_model, write_hf_folder, write_official
-from rgchat import statefile
+from rgchat import __version__, statefile
 from rgchat.cli import app
+from rgchat.quant import DEFAULT_PRECISION
 from rgchat.tokenizer import Tokenizer
 
 
@@ -94,6 +95,41 @@ def test_bad_flags_are_usage_errors(hf_dir):
     assert rgchat("run", str(hf_dir), "x", "--raw", "--chat").returncode == 2
     assert rgchat("run", str(hf_dir), "x", "--max-tokens", "0").returncode == 2
     assert rgchat("bench", "--shape", "7b").returncode == 2
+
+
+def test_version_is_the_package_version():
+    result = rgchat("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"rgchat {__version__}\n"
+    pyproject = pytest.importorskip("setuptools.config.pyprojecttoml")
+    project = pyproject.read_configuration(Path(__file__).parents[1] / "pyproject.toml")["project"]
+    assert project["version"] == __version__
+
+
+def help_text(*command: str) -> str:
+    """`rgchat COMMAND --help` as one line of words: rich's frames and line breaks taken out."""
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.stdout.replace("│", " ").split())
+
+
+def test_help_text_in_brackets_is_not_taken_for_markup():
+    assert "Model file to write (by default into the store, as NAME-PRECISION)." in help_text("convert")
+    assert "Where to write the rebuilt state (by default it replaces FILE)." in help_text("state", "replay")
+    assert "hf:OWNER/REPO, optionally with @REVISION." in help_text("pull")
+
+
+def test_flags_show_no_value_in_help():
+    text = help_text("bench")
+    assert "--json Print JSON lines instead of a table." in text
+    assert "<bool>" not in text and "<bool>" not in help_text()
+
+
+def test_help_states_the_defaults_the_code_uses():
+    assert f"Weights to download or convert to (by default {DEFAULT_PRECISION})." in help_text("pull")
+    for command in (["run"], ["serve"], ["state", "replay"]):
+        assert f"convert a checkpoint or Hub model to (by default {DEFAULT_PRECISION})" in help_text(*command)
+    assert "Device to run on (by default cpu; auto picks CUDA, then MPS, then CPU)." in help_text("bench")
 
 
 def test_convert_list_show_rm_and_run_a_converted_file(tmp_path, hf_dir):

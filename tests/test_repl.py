@@ -97,6 +97,13 @@ def test_exchange_settings_undo_regen_and_bye(it_file, tokenizer_path):
     assert q1 in history_path().read_text()  # persistent input history
 
 
+def test_help_lists_the_settings_set_takes(it_file):
+    child = spawn(str(it_file))
+    accepted = flat(say(child, "/set frobnicate 1")).split("one of: ", 1)[1]  # the names /set checks against
+    assert "temperature" in accepted and accepted in flat(say(child, "/help"))
+    end(child)
+
+
 def test_multiline_message(it_file, tokenizer_path):
     child = spawn(str(it_file), "--temperature", "0", "--max-tokens", "12")
     child.sendline('"""line one')
