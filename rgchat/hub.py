@@ -183,19 +183,22 @@ def _checksum_ok(path: Path, remote: RemoteFile) -> bool:
 
 def _download(model: HubModel, commit: str, remote: RemoteFile, folder: Path, progress: Reporter,
               total: Task | None = None) -> Path:
-    """One file into `folder`, continuing a partial download, verified; cached or finished files are reused.
+    """One file into `folder`, continuing a partial download, verified; files in the HF cache that match
+    the Hub's checksum and files an earlier pull finished are reused.
     `total` is the bar of the whole pull, advanced along with the file's own."""
     from huggingface_hub import hf_hub_url, try_to_load_from_cache
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
     cached = try_to_load_from_cache(model.repo_id, remote.name, revision=commit)
+    cached = Path(cached) if isinstance(cached, str) else None
     target = folder / remote.name
-    for ready in (Path(cached) if isinstance(cached, str) else None, target):
-        if ready is not None and ready.is_file() and ready.stat().st_size == remote.size:
+    for ready, verified in ((cached, False), (target, True)):  # ours was verified before it took its name
+        if (ready is not None and ready.is_file() and ready.stat().st_size == remote.size
+                and (verified or _checksum_ok(ready, remote))):
             if total:
                 total.advance(remote.size)
-            return ready  # in the user's HF cache, or finished (and verified) by an earlier pull
+            return ready  # in the user's HF cache (a damaged copy there is fetched anew), or finished by us
     partial = target.with_name(target.name + ".partial")
     have = partial.stat().st_size if partial.is_file() else 0
     if have > remote.size:

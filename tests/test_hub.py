@@ -175,6 +175,24 @@ def test_offline_uses_the_hf_cache(server, checkpoint, isolated_store):
     assert [p for p, _ in server.requests if "/resolve/" in p] == fetched
 
 
+def test_a_damaged_file_in_the_hf_cache_is_fetched_anew(server, checkpoint, isolated_store):
+    env = {**os.environ, "HF_ENDPOINT": server.url}
+    fetch = ("from huggingface_hub import hf_hub_download; "
+             f"print(hf_hub_download('{REPO}', 'model-00001-of-00002.safetensors'))")
+    cached = subprocess.run([sys.executable, "-c", fetch], env=env, check=True, capture_output=True, text=True,
+                            timeout=120).stdout.strip()
+    blob = os.path.realpath(cached)
+    with open(blob, "r+b") as f:  # the same size, other bytes
+        f.seek(os.path.getsize(blob) // 2)
+        f.write(b"\xff" * 64)
+    fetches = lambda: sum(p.endswith("/model-00001-of-00002.safetensors") for p, _ in server.requests)  # noqa: E731
+    before = fetches()
+    result = rgchat("run", "2b-it", "Hello there", *ANSWER, endpoint=server.url)
+    assert result.returncode == 0, result.stderr
+    assert fetches() == before + 1  # fetched anew, not converted from the damaged copy
+    assert result.stdout == rgchat("run", str(checkpoint), "Hello there", *ANSWER, endpoint=server.url).stdout
+
+
 def test_a_repo_with_an_rgchat_file_is_downloaded_as_is(server, checkpoint, isolated_store, tmp_path):
     ready = convert(checkpoint, "int8", tmp_path / "ready" / "m.safetensors")
     server.repos["someone/tiny-rgchat"] = Repo({"rgchat-int8.safetensors": ready.read_bytes(),
