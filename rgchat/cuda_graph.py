@@ -4,9 +4,9 @@ from Python they cost more than the step's memory traffic. So the step is first 
 graph, which launches them all at once. A graph is recorded for one State's buffers (each slot of an
 engine gets its own) and replayed with the token and position written into static device tensors.
 
-Compiling took 35 s (2B bf16), 62 s (int8) and 95 s (int4) on an H200 on a first start, 14 s (bf16) once
-torch's on-disk cache held the result. RGCHAT_COMPILE=0 skips it (a graph of the plain step: slower per token, quick to start); RGCHAT_CUDA_GRAPHS=0
-turns graphs off altogether (eager steps)."""
+Compiling is slow on a first start and quicker once torch's on-disk cache holds the result (the times are
+in docs/performance.md). RGCHAT_COMPILE=0 skips it (a graph of the plain step: slower per token, quick to
+start); RGCHAT_CUDA_GRAPHS=0 turns graphs off altogether (eager steps)."""
 
 from __future__ import annotations
 

@@ -190,8 +190,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
 
     A chunk on CUDA goes through scaled_dot_product_attention (fused kernels). One token, and everything on
     other devices, is two einsums: they read the shared key/value heads once, where SDPA's grouped path
-    (under torch.compile) copied them out for every query head, 0.29 ms per 2B step on an H200; on this CPU
-    torch's SDPA took 24 ms in bf16 for one token over 2,049 keys of the 2B shape, the einsums 0.6 ms."""
+    (under torch.compile) copies them out for every query head; on the CPU torch's SDPA is far slower than
+    the einsums for one token over a full window (docs/performance.md)."""
     T, heads, head_dim = q.shape
     kv_heads = keys.shape[1]
     if q.device.type == "cuda" and T > 1:

@@ -130,9 +130,10 @@ class ModelFile:
     def verify(self, threads: int = 2, remember: bool = True, force: bool = False) -> None:
         """Check every tensor against its sha256 in the metadata (hashing in parallel threads).
 
-        Hashing a 2.7 GB file takes about a second, so a pass is remembered in FILE.verified (size, mtime,
-        inode); later loads of the unchanged file skip the hashing (unless `force`). Any write to the file
-        changes its mtime; damage that keeps it (bit rot) is found only by a forced check (`rgchat verify`).
+        Hashing reads every byte of the file (docs/performance.md), so a pass is remembered in FILE.verified
+        (size, mtime, inode); later loads of the unchanged file skip the hashing (unless `force`). Any write
+        to the file changes its mtime; damage that keeps it (bit rot) is found only by a forced check
+        (`rgchat verify`).
         """
         stamp_file = self.path.with_name(self.path.name + ".verified")
         try:

@@ -23,7 +23,7 @@ HELP = {
     "top_k": "Sample from the k likeliest tokens (0: all).",
     "top_p": "Nucleus sampling mass (1: off).",
     "min_p": "Drop tokens less likely than this times the likeliest (0: off).",
-    "repeat_penalty": f"Penalise the tokens among the answer's last {REPEAT_WINDOW} (1: off).",
+    "repeat_penalty": f"Penalise tokens repeated from the answer's last {REPEAT_WINDOW} tokens (1: off).",
     "seed": "Seed: the same seed and input give the same output.",
     "max_tokens": "Most tokens per answer.",
     "stop": "End the answer at this text (repeatable).",
