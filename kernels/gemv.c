@@ -583,9 +583,7 @@ AVX512 static void row_to_int8_avx512(const float *f, int64_t K, float scale, in
     }
     row_to_int8_portable(f, k, K, scale, xq);
 }
-#endif
 
-#if HAVE_X86
 /* sum of n int8 values, n a multiple of 64 */
 AVX512 static int32_t int8_sum_avx512(const int8_t *x, int64_t n) {
     const __m512i ones = _mm512_set1_epi8(1);

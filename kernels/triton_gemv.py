@@ -17,10 +17,8 @@ NUM_WARPS = 4
 
 
 def block_rows(n: int) -> int:
-    """Rows per program: few, so that even a 2560-row matrix spreads over all 132 multiprocessors of an H200.
-    Measured there (int8, K=2560, 40 matrices in turn under a CUDA graph): 2 rows per program read 1.11 TB/s
-    at N=2560 (16 rows: 0.6), 4 rows 1.74 TB/s at N=5120, 8 rows 1.96 TB/s at N=7680, 2.39 at 15360 and
-    3.25 at 256000 (a sweep of block shapes; the old fixed 16 rows lost up to half of that)."""
+    """Rows per program: few, so that even a 2560-row matrix spreads over all 132 multiprocessors of an H200,
+    and more as matrices grow; chosen by a sweep of block shapes there (docs/performance.md)."""
     return 2 if n <= 4096 else 4 if n <= 6144 else 8
 
 

@@ -23,9 +23,8 @@ from rgchat.errors import RGChatError
 
 PRECISIONS = ("f32", "bf16", "int8", "int4")
 QUANTIZED = ("int8", "int4")
-# Inputs per int4 scale/zero pair. On this CPU a 15360x2560 int4 matrix-vector product took the same time
-# with groups of 32, 64 and 128 (1.10, 1.19, 1.10 ms) while the weight error grew (7.8%, 9.0%, 10.0% RMS),
-# so the smallest group torch's kernels accept wins.
+# Inputs per int4 scale/zero pair. Larger groups made the products no faster while the weight error grew
+# with the group (docs/performance.md), so the smallest group torch's kernels accept wins.
 INT4_GROUP = 32
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
@@ -36,9 +35,8 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-# What `run` and `pull` convert to unless told. int8 decodes fastest on every device measured: on this CPU
-# (memory-bound: half of bf16's bytes) and on the H200 (compiled step: 437 tok/s against bf16's 373-387, in
-# 3.9 GB of GPU memory against 6.6; README).
+# What `run` and `pull` convert to unless told. int8 decoded fastest on every device measured (decode is
+# memory-bound and int8 reads half of bf16's bytes) and needs less GPU memory (docs/performance.md).
 DEFAULT_PRECISION = "int8"
 
 
@@ -134,8 +132,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 
 # Up to this many rows (decode steps, short prefill chunks) the CPU runs a matrix-vector kernel, native or
-# torch's (see `int8_matmul`); beyond it, dequantizing and a dense matmul wins (15360x2560 on a CPU with
-# VNNI: 44 ms each at 64 rows, 86 vs 58 ms at 128).
+# torch's (see `int8_matmul`); beyond it, dequantizing and a dense matmul is faster (docs/performance.md).
 KERNEL_MAX_ROWS = 64
 
 

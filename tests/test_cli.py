@@ -106,6 +106,20 @@ def test_version_is_the_package_version():
     assert project["version"] == __version__
 
 
+def test_model_and_state_files_record_the_version(tmp_path, tokenizer_path, isolated_store):
+    from safetensors import safe_open
+
+    folder = write_hf_folder(tiny_model(CYCLES, seed=31), tmp_path / "tiny-it", tokenizer_path)
+    state = tmp_path / "chat.state"
+    started = CliRunner().invoke(app, ["run", str(folder), "Hello", "--precision", "f32", "--state", str(state),
+                                       "--max-tokens", "2"])
+    assert started.exit_code == 0, started.stderr
+    [model] = isolated_store.glob("*/model.safetensors")
+    for path in (model, state):
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["rgchat_version"] == __version__, path
+
+
 def help_text(*command: str) -> str:
     """`rgchat COMMAND --help` as one line of words: rich's frames and line breaks taken out."""
     result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
