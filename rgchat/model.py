@@ -19,7 +19,8 @@ from torch import nn
 
 from rgchat.config import RECURRENT, GriffinConfig
 from rgchat import gemv
-from rgchat.quant import Embedding, Linear, fuse_linears, native_takes, prepare_model_, row_by_row
+from rgchat.quant import (Embedding, Linear, cpu_has_bf16, fuse_linears, native_takes, one_sequence, prepare_model_,
+                          row_by_row)
 from rgchat.scan import rglru
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
 
@@ -90,13 +91,14 @@ class RGLRU(nn.Module):
         self.recurrent_gate_bias = _param(heads, block, dtype=dtype, device=device)
         self.gate_rows: tuple | None = None  # both gates as [out, in] rows per head, once the native kernel ran
 
-    def _gates(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both gates of x [rows, L], before their sigmoid. On the CPU, bfloat16 gates of few rows run
-        through the native kernel, which wants each head's block as [out, in] rows: transposed copies (a
-        small part of the weights), made at first use, beside the originals that longer chunks use."""
-        native = (rows.device.type == "cpu" and self.input_gate_weight.dtype == torch.bfloat16
-                  and native_takes(rows.shape[0]))
-        if native and (kernels := gemv.cpu_kernels()) and "bf16" in kernels.paths:
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both gates of x [n, T, L] as [n * T, L], before their sigmoid. On the CPU, bfloat16 gates of few
+        rows run through the native kernel, which wants each head's block as [out, in] rows: transposed
+        copies (a small part of the weights), made at first use, beside the originals that longer chunks use."""
+        rows = x.reshape(-1, x.shape[-1])
+        if (rows.device.type == "cpu" and self.input_gate_weight.dtype == torch.bfloat16
+                and (kernels := gemv.cpu_kernels()) and "bf16" in kernels.paths
+                and native_takes(rows.shape[0], one_sequence(x) and cpu_has_bf16())):
             if self.gate_rows is None:
                 self.gate_rows = tuple(w.transpose(1, 2).contiguous().view(-1, w.shape[1])
                                        for w in (self.input_gate_weight, self.recurrent_gate_weight))
@@ -104,8 +106,10 @@ class RGLRU(nn.Module):
             gate_x, gate_a = (kernels.bf16(rows, w, heads) for w in self.gate_rows)
             if gate_x is not None and gate_a is not None:
                 return gate_x + self.input_gate_bias.view(-1), gate_a + self.recurrent_gate_bias.view(-1)
-        return (row_by_row(lambda r: self._gate(r, self.input_gate_weight, self.input_gate_bias), rows),
-                row_by_row(lambda r: self._gate(r, self.recurrent_gate_weight, self.recurrent_gate_bias), rows))
+        def gate(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            return row_by_row(lambda r: self._gate(r.reshape(-1, r.shape[-1]), weight, bias), x).reshape(rows.shape)
+        return gate(self.input_gate_weight, self.input_gate_bias), gate(self.recurrent_gate_weight,
+                                                                         self.recurrent_gate_bias)
 
     def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # x [rows, L] as xb [heads, rows, block] @ weight [heads, block, block] -> [rows, L], before the sigmoid
@@ -118,7 +122,7 @@ class RGLRU(nn.Module):
         (n = 1 only: a decode step always continues one)."""
         n, T, L = x.shape
         rows = x.reshape(n * T, L)
-        gate_x, gate_a = self._gates(rows)
+        gate_x, gate_a = self._gates(x)
         a_scale = -8.0 * F.softplus(self.recurrent_param.float())
         reset = None
         if at_start:  # a document starts at the first token of this chunk

@@ -71,19 +71,28 @@ class Embedding(nn.Module):
         return linear(x, self.weight)
 
 
-def native_takes(rows: int, torch_same_and_fast: bool = False) -> bool:
-    """Whether a CPU product of `rows` activation rows goes to the native kernel: up to KERNEL_MAX_ROWS, so
-    that a row's result never changes with the batch it is in, except beyond gemv.MAX_ROWS where torch
-    computes the same numbers faster (int8 through oneDNN with VNNI runs a chunk far faster than passes
-    of 8 rows)."""
-    return rows <= gemv.MAX_ROWS or (rows <= KERNEL_MAX_ROWS and not torch_same_and_fast)
+def one_sequence(x: torch.Tensor) -> bool:
+    """Whether the rows of activations x are tokens of one conversation (a prefill chunk, x [1, T, in]) rather
+    than rows of several (a decode step, x [n, 1, in] with n > 1) or rows given flat. A conversation's chunk
+    is the same chunk whatever else is being decoded, so its products may take whichever path is fastest;
+    only rows of several conversations need the path whose result for a row ignores the other rows."""
+    return x.dim() == 3 and x.shape[0] == 1
+
+
+def native_takes(rows: int, torch_faster: bool = False) -> bool:
+    """Whether a CPU product of `rows` activation rows goes to the native kernel: up to gemv.MAX_ROWS always,
+    and up to KERNEL_MAX_ROWS unless torch is faster there and may take them, because it computes the same
+    numbers (int8 through oneDNN with VNNI runs a chunk far faster than passes of 8 rows) or because the
+    rows are one conversation's (`one_sequence`): a row of a batch must not change with the batch it is in."""
+    return rows <= gemv.MAX_ROWS or (rows <= KERNEL_MAX_ROWS and not torch_faster)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b) for plain weights: bfloat16 rows on the CPU through the native kernel where it runs,
-    everything else through torch."""
+    """x W^T (+ b) for plain weights: bfloat16 rows on the CPU through the native kernel where it runs and is
+    needed or faster, everything else through torch."""
     rows = x.reshape(-1, x.shape[-1])
-    if (x.device.type == "cpu" and native_takes(rows.shape[0]) and (kernels := gemv.cpu_kernels())
+    if (x.device.type == "cpu" and (kernels := gemv.cpu_kernels())
+            and native_takes(rows.shape[0], one_sequence(x) and cpu_has_bf16())
             and (out := kernels.bf16(rows, weight)) is not None):
         out = out.reshape(*x.shape[:-1], weight.shape[0])
         return out + bias if bias is not None else out
@@ -100,9 +109,10 @@ ROW_BY_ROW_MAX_ROWS = 16
 
 def row_by_row(product, x: torch.Tensor) -> torch.Tensor:
     """product(x) for a row-wise `product` of x [..., in], computed one row at a time where float32 on the
-    CPU would otherwise make a row's result depend on its neighbours."""
+    CPU would otherwise make a row's result depend on its neighbours (rows of several conversations)."""
     rows = x.reshape(-1, x.shape[-1])
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not 1 < rows.shape[0] <= ROW_BY_ROW_MAX_ROWS:
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or one_sequence(x)
+            or not 1 < rows.shape[0] <= ROW_BY_ROW_MAX_ROWS):
         return product(x)
     out = torch.cat([product(rows[i:i + 1]) for i in range(rows.shape[0])])
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -185,3 +185,36 @@ def test_int4_model_on_cuda_runs_from_its_int4_weights():
     cosine = F.cosine_similarity(torch.cat(got), want, dim=-1)
     assert cosine.mean() > 0.95, float(cosine.mean())
     assert model.weight_bytes() < reference.weight_bytes() / 4
+
+
+def test_only_rows_of_several_conversations_need_the_batch_invariant_path(monkeypatch):
+    """A chunk of one conversation's tokens (x [1, T, in]) may take torch's faster product; rows of several
+    conversations (x [n, 1, in]) stay on the path whose result for a row ignores the others."""
+    from rgchat import quant
+
+    kernels = gemv.cpu_kernels()
+    if kernels is None or "bf16" not in kernels.paths:
+        pytest.skip("no native bf16 product here")
+    native_calls = []
+    bf16 = type(kernels).bf16
+    monkeypatch.setattr(type(kernels), "bf16", lambda self, x, *a: native_calls.append(x.shape[0]) or bf16(self, x, *a))
+    w = torch.randn(64, 256).bfloat16()
+    chunk = torch.randn(1, 20, 256).bfloat16()
+    for has_bf16, expected in ((True, []), (False, [20])):  # torch's bfloat16 product is fast only with BF16
+        monkeypatch.setattr(quant, "cpu_has_bf16", lambda has=has_bf16: has)
+        native_calls.clear()
+        out = quant.linear(chunk, w)
+        assert native_calls == expected and out.shape == (1, 20, 64)
+        native_calls.clear()
+        rows = chunk.view(20, 1, 256)  # twenty conversations, one token each
+        batch = quant.linear(rows, w)
+        assert native_calls == [20]
+        assert all(torch.equal(batch[i], quant.linear(rows[i:i + 1], w)[0]) for i in range(20))  # as alone
+
+    rows_seen = []
+    product = lambda r: rows_seen.append(r.reshape(-1, r.shape[-1]).shape[0]) or r @ torch.ones(256, 3)  # noqa: E731
+    quant.row_by_row(product, torch.randn(1, 12, 256))
+    assert rows_seen == [12]  # float32 rows of one conversation: one product
+    rows_seen.clear()
+    quant.row_by_row(product, torch.randn(12, 1, 256))
+    assert rows_seen == [1] * 12  # of twelve conversations: one row at a time
