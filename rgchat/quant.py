@@ -35,8 +35,9 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-# What `run` and `pull` convert to unless told. int8 decoded fastest on every device measured (decode is
-# memory-bound and int8 reads half of bf16's bytes) and needs less GPU memory (docs/performance.md).
+# What `run` and `pull` convert to unless told. int8 decodes faster than bf16 on every device measured
+# (decode is memory-bound and int8 reads half of bf16's bytes), needs less memory, and rounds the weights
+# far less than int4, which is faster only on some CPUs (docs/performance.md).
 DEFAULT_PRECISION = "int8"
 
 
