@@ -156,6 +156,40 @@ static void bf16_part_portable(const job_t *j, int64_t n0, int64_t n1) {
         }                                                                                                    \
     }
 
+/* From five activation rows on, output rows in pairs through PAIR_FN (both in one head of a block-diagonal
+ * bf16 matrix), the others one at a time through ROWS_FN. */
+static inline int pair_in_one_head(const job_t *j, int64_t n) {
+    return j->rows_per_head == 0 || n / j->rows_per_head == (n + 1) / j->rows_per_head;
+}
+
+#define PAIR_LOOP(ROWS_FN, PAIR_FN, B_)                                                                      \
+    do {                                                                                                     \
+        int64_t n = n0;                                                                                      \
+        while (n < n1) {                                                                                     \
+            if (n + 1 < n1 && pair_in_one_head(j, n)) {                                                      \
+                PAIR_FN(j, n, B_);                                                                           \
+                n += 2;                                                                                      \
+            } else {                                                                                         \
+                ROWS_FN(j, n, B_);                                                                           \
+                n++;                                                                                         \
+            }                                                                                                \
+        }                                                                                                    \
+    } while (0)
+
+#define DEFINE_PAIRED_PART(NAME, ROWS_FN, PAIR_FN, TARGET)                                                   \
+    TARGET static void NAME(const job_t *j, int64_t n0, int64_t n1) {                                        \
+        switch (j->B) {                                                                                      \
+        case 1: PART_LOOP(ROWS_FN, 1); break;                                                                \
+        case 2: PART_LOOP(ROWS_FN, 2); break;                                                                \
+        case 3: PART_LOOP(ROWS_FN, 3); break;                                                                \
+        case 4: PART_LOOP(ROWS_FN, 4); break;                                                                \
+        case 5: PAIR_LOOP(ROWS_FN, PAIR_FN, 5); break;                                                       \
+        case 6: PAIR_LOOP(ROWS_FN, PAIR_FN, 6); break;                                                       \
+        case 7: PAIR_LOOP(ROWS_FN, PAIR_FN, 7); break;                                                       \
+        default: PAIR_LOOP(ROWS_FN, PAIR_FN, 8); break;                                                      \
+        }                                                                                                    \
+    }
+
 #if HAVE_X86
 /* ---- AVX2 -------------------------------------------------------------------------------------------- */
 
@@ -303,7 +337,38 @@ AVX512 INLINE void int8_rows_avx512(const job_t *j, int64_t n, const int B) {
     for (int b = 0; b < B; b++)
         store_int8(j, b, n, _mm512_reduce_add_epi32(acc[b]) - 128 * j->xsum[b] + dot_int8_tail(w, j->xq + b * K, KV, K));
 }
-DEFINE_PART(int8_part_avx512, int8_rows_avx512, AVX512)
+
+/* Two output rows at once for B activation rows: each activation vector loaded serves both output rows and
+ * each weight vector all B activation rows, so that with many activation rows the loads (one per VPDPBUSD
+ * in int8_rows_avx512) no longer set the pace. The sums are exact integers: the same results in any
+ * order, so a row's result is the same through either function. */
+AVX512 INLINE void int8_pair_avx512(const job_t *j, int64_t n, const int B) {
+    const int R = 2;
+    const int64_t K = j->K, KV = K & ~(int64_t)63;
+    const int8_t *w = (const int8_t *)j->w + n * K;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[2][MAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < KV; k += 64) {
+        __m512i wu[2];
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0); /* the next pair's rows */
+            wu[r] = _mm512_xor_si512(_mm512_loadu_si512(w + r * K + k), flip);
+        }
+        for (int b = 0; b < B; b++) {
+            __m512i xv = _mm512_loadu_si512(j->xq + b * K + k);
+            __asm__("" : "+v"(xv)); /* loaded once for R products, not R times */
+            for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wu[r], xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++)
+            store_int8(j, b, n + r, _mm512_reduce_add_epi32(acc[r][b]) - 128 * j->xsum[b] +
+                                        dot_int8_tail(w + r * K, j->xq + b * K, KV, K));
+}
+
+DEFINE_PAIRED_PART(int8_part_avx512, int8_rows_avx512, int8_pair_avx512, AVX512)
 
 #define DOT2_VNNI(lo, xlo, hi, xhi) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi)
 DEFINE_INT4_ROWS(int4_rows_avx512, AVX512, DOT2_VNNI)
@@ -328,7 +393,36 @@ AVX512BF16 INLINE void bf16_rows_avx512(const job_t *j, int64_t n, const int B) 
         store(j, b, n, _mm512_reduce_add_ps(acc[b]) + tail);
     }
 }
-DEFINE_PART(bf16_part_avx512, bf16_rows_avx512, AVX512BF16)
+
+/* Two output rows at once, as int8_pair_avx512 does and for the same reason (both rows in one head); each
+ * sum is formed in the same order as in bf16_rows_avx512, so a row's result is the same through either. */
+AVX512BF16 INLINE void bf16_pair_avx512(const job_t *j, int64_t n, const int B) {
+    const int64_t K = j->K, KV = K & ~(int64_t)31, xs = j->x_stride;
+    const uint16_t *w = (const uint16_t *)j->w + n * K;
+    const uint16_t *x = j->xb + n / j->rows_per_head * K;
+    __m512 acc[2][MAX_ROWS];
+    for (int r = 0; r < 2; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < KV; k += 32) {
+        __m512i wv[2];
+        for (int r = 0; r < 2; r++) {
+            _mm_prefetch((const char *)(w + (2 + r) * K + k), _MM_HINT_T0); /* the next pair's rows */
+            wv[r] = _mm512_loadu_si512(w + r * K + k);
+        }
+        for (int b = 0; b < B; b++) {
+            __m512i xv = _mm512_loadu_si512(x + b * xs + k);
+            __asm__("" : "+v"(xv)); /* loaded once for both rows */
+            for (int r = 0; r < 2; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wv[r], (__m512bh)xv);
+        }
+    }
+    for (int r = 0; r < 2; r++)
+        for (int b = 0; b < B; b++) {
+            float tail = 0.0f;
+            for (int64_t k = KV; k < K; k++) tail += bf16_to_f32(w[r * K + k]) * bf16_to_f32(x[b * xs + k]);
+            store(j, b, n + r, _mm512_reduce_add_ps(acc[r][b]) + tail);
+        }
+}
+DEFINE_PAIRED_PART(bf16_part_avx512, bf16_rows_avx512, bf16_pair_avx512, AVX512BF16)
 #endif /* HAVE_X86 */
 
 /* ---- dispatch ---------------------------------------------------------------------------------------- */

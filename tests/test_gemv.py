@@ -19,7 +19,7 @@ from rgchat.model import RGLRU
 # odd sizes and sizes that are not multiples of any vector width, beside the 2B model's width
 SHAPES = [(1, 1), (7, 31), (33, 100), (64, 256), (9, 130), (17, 2560), (40, 3000)]
 INT4_SHAPES = [(1, 32), (7, 96), (33, 160), (17, 2560), (12, 4096)]
-ROWS = [1, 2, 3, 5, 8, 11]
+ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 11]
 THREADS = [1, 2, 3, 4]
 
 
@@ -141,6 +141,21 @@ def test_bf16_matches_float64_on_every_path(path, threads):
                 got = kernels.bf16(x, w)
                 assert got.dtype == torch.bfloat16 and torch.equal(got, alone), (path, n, k, rows, t)
             assert torch.all((got.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * size), (path, n, k, rows)
+
+
+def test_block_diagonal_bf16_multiplies_each_head_by_its_own_inputs(path):
+    """heads > 1 (the RG-LRU gates): head h's rows read inputs h*K..(h+1)*K; heads of an odd number of rows
+    keep output rows computed together from straddling two heads."""
+    kernels = kernels_on(path)
+    for heads, rows_per_head, k in ((3, 3, 40), (4, 8, 64), (5, 1, 33)):
+        w = randn(heads * rows_per_head, k, seed=heads).bfloat16()
+        for rows in ROWS:
+            x = randn(rows, heads * k, seed=rows).bfloat16()
+            got = kernels.bf16(x, w, heads=heads)
+            per_head = torch.cat([kernels.bf16(x[:, h * k:(h + 1) * k].contiguous(),
+                                               w[h * rows_per_head:(h + 1) * rows_per_head]) for h in range(heads)], 1)
+            alone = torch.cat([kernels.bf16(x[r:r + 1], w, heads=heads) for r in range(rows)])
+            assert torch.equal(got, per_head) and torch.equal(got, alone), (path, heads, rows_per_head, rows)
 
 
 def test_paths_agree_where_their_arithmetic_is_the_same():
