@@ -142,22 +142,10 @@ static void bf16_part_portable(const job_t *j, int64_t n0, int64_t n1) {
 #define PART_LOOP(ROWS_FN, B_)                                                                               \
     for (int64_t n = n0; n < n1; n++) ROWS_FN(j, n, B_)
 
-#define DEFINE_PART(NAME, ROWS_FN, TARGET)                                                                   \
-    TARGET static void NAME(const job_t *j, int64_t n0, int64_t n1) {                                        \
-        switch (j->B) {                                                                                      \
-        case 1: PART_LOOP(ROWS_FN, 1); break;                                                                \
-        case 2: PART_LOOP(ROWS_FN, 2); break;                                                                \
-        case 3: PART_LOOP(ROWS_FN, 3); break;                                                                \
-        case 4: PART_LOOP(ROWS_FN, 4); break;                                                                \
-        case 5: PART_LOOP(ROWS_FN, 5); break;                                                                \
-        case 6: PART_LOOP(ROWS_FN, 6); break;                                                                \
-        case 7: PART_LOOP(ROWS_FN, 7); break;                                                                \
-        default: PART_LOOP(ROWS_FN, 8); break;                                                               \
-        }                                                                                                    \
-    }
-
 /* From five activation rows on, output rows in pairs through PAIR_FN (both in one head of a block-diagonal
- * bf16 matrix), the others one at a time through ROWS_FN. */
+ * bf16 matrix), the others one at a time through ROWS_FN; kernels without a pair function pass no_pair. */
+static inline void no_pair(const job_t *j, int64_t n, int B) { (void)j, (void)n, (void)B; }
+
 static inline int pair_in_one_head(const job_t *j, int64_t n) {
     return j->rows_per_head == 0 || n / j->rows_per_head == (n + 1) / j->rows_per_head;
 }
@@ -176,17 +164,23 @@ static inline int pair_in_one_head(const job_t *j, int64_t n) {
         }                                                                                                    \
     } while (0)
 
-#define DEFINE_PAIRED_PART(NAME, ROWS_FN, PAIR_FN, TARGET)                                                   \
+#define ROWS_LOOP(ROWS_FN, PAIR_FN, B_)                                                                      \
+    do {                                                                                                     \
+        if ((B_) >= 5 && PAIR_FN != no_pair) PAIR_LOOP(ROWS_FN, PAIR_FN, B_);                                \
+        else PART_LOOP(ROWS_FN, B_);                                                                         \
+    } while (0)
+
+#define DEFINE_PART(NAME, ROWS_FN, PAIR_FN, TARGET)                                                          \
     TARGET static void NAME(const job_t *j, int64_t n0, int64_t n1) {                                        \
         switch (j->B) {                                                                                      \
-        case 1: PART_LOOP(ROWS_FN, 1); break;                                                                \
-        case 2: PART_LOOP(ROWS_FN, 2); break;                                                                \
-        case 3: PART_LOOP(ROWS_FN, 3); break;                                                                \
-        case 4: PART_LOOP(ROWS_FN, 4); break;                                                                \
-        case 5: PAIR_LOOP(ROWS_FN, PAIR_FN, 5); break;                                                       \
-        case 6: PAIR_LOOP(ROWS_FN, PAIR_FN, 6); break;                                                       \
-        case 7: PAIR_LOOP(ROWS_FN, PAIR_FN, 7); break;                                                       \
-        default: PAIR_LOOP(ROWS_FN, PAIR_FN, 8); break;                                                      \
+        case 1: ROWS_LOOP(ROWS_FN, PAIR_FN, 1); break;                                                       \
+        case 2: ROWS_LOOP(ROWS_FN, PAIR_FN, 2); break;                                                       \
+        case 3: ROWS_LOOP(ROWS_FN, PAIR_FN, 3); break;                                                       \
+        case 4: ROWS_LOOP(ROWS_FN, PAIR_FN, 4); break;                                                       \
+        case 5: ROWS_LOOP(ROWS_FN, PAIR_FN, 5); break;                                                       \
+        case 6: ROWS_LOOP(ROWS_FN, PAIR_FN, 6); break;                                                       \
+        case 7: ROWS_LOOP(ROWS_FN, PAIR_FN, 7); break;                                                       \
+        default: ROWS_LOOP(ROWS_FN, PAIR_FN, 8); break;                                                      \
         }                                                                                                    \
     }
 
@@ -234,7 +228,7 @@ AVX2 INLINE void int8_rows_avx2(const job_t *j, int64_t n, const int B) {
     for (int b = 0; b < B; b++)
         store_int8(j, b, n, hsum_epi32_avx2(acc[b]) + dot_int8_tail(w, j->xq + b * K, KV, K));
 }
-DEFINE_PART(int8_part_avx2, int8_rows_avx2, AVX2)
+DEFINE_PART(int8_part_avx2, int8_rows_avx2, no_pair, AVX2)
 
 /* sum_g (z_g - 8 s_g) S_g of one output row (scale: its scales as float): the zero points and the -8 of
  * the stored 4-bit values, both multiplying the group sums S_g of the activation row. */
@@ -298,7 +292,7 @@ AVX2 INLINE float int4_zero_term_avx2(const job_t *j, int64_t n, int b, const fl
     _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)),        \
                       _mm256_set1_epi16(1))
 DEFINE_INT4_ROWS(int4_rows_avx2, AVX2, DOT2_AVX2)
-DEFINE_PART(int4_part_avx2, int4_rows_avx2, AVX2)
+DEFINE_PART(int4_part_avx2, int4_rows_avx2, no_pair, AVX2)
 
 AVX2 INLINE void bf16_rows_avx2(const job_t *j, int64_t n, const int B) {
     const int64_t K = j->K, KV = K & ~(int64_t)7, xs = j->x_stride;
@@ -317,7 +311,7 @@ AVX2 INLINE void bf16_rows_avx2(const job_t *j, int64_t n, const int B) {
         store(j, b, n, hsum_ps_avx2(acc[b]) + tail);
     }
 }
-DEFINE_PART(bf16_part_avx2, bf16_rows_avx2, AVX2)
+DEFINE_PART(bf16_part_avx2, bf16_rows_avx2, no_pair, AVX2)
 
 /* ---- AVX-512 ----------------------------------------------------------------------------------------- */
 
@@ -368,11 +362,11 @@ AVX512 INLINE void int8_pair_avx512(const job_t *j, int64_t n, const int B) {
                                         dot_int8_tail(w + r * K, j->xq + b * K, KV, K));
 }
 
-DEFINE_PAIRED_PART(int8_part_avx512, int8_rows_avx512, int8_pair_avx512, AVX512)
+DEFINE_PART(int8_part_avx512, int8_rows_avx512, int8_pair_avx512, AVX512)
 
 #define DOT2_VNNI(lo, xlo, hi, xhi) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi)
 DEFINE_INT4_ROWS(int4_rows_avx512, AVX512, DOT2_VNNI)
-DEFINE_PART(int4_part_avx512, int4_rows_avx512, AVX512)
+DEFINE_PART(int4_part_avx512, int4_rows_avx512, no_pair, AVX512)
 
 /* bf16 with VDPBF16PS: pairs of bfloat16 products summed into float32 lanes. */
 AVX512BF16 INLINE void bf16_rows_avx512(const job_t *j, int64_t n, const int B) {
@@ -422,7 +416,7 @@ AVX512BF16 INLINE void bf16_pair_avx512(const job_t *j, int64_t n, const int B) 
             store(j, b, n + r, _mm512_reduce_add_ps(acc[r][b]) + tail);
         }
 }
-DEFINE_PAIRED_PART(bf16_part_avx512, bf16_rows_avx512, bf16_pair_avx512, AVX512BF16)
+DEFINE_PART(bf16_part_avx512, bf16_rows_avx512, bf16_pair_avx512, AVX512BF16)
 #endif /* HAVE_X86 */
 
 /* ---- dispatch ---------------------------------------------------------------------------------------- */
