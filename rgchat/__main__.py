@@ -1,6 +1,6 @@
 """The `rgchat` command (and `python -m rgchat`). Importing the CLI loads torch, which takes a second or two,
 and a Ctrl-C inside torch's native start-up can abort the process or be lost; so Ctrl-C is held back while
-the CLI imports, and then ends rgchat quietly with exit code 130."""
+the CLI imports, and then ends rgchat quietly with exit code 130; once the command is over it is ignored."""
 
 import signal
 import sys
@@ -17,7 +17,12 @@ def main() -> None:
         signal.signal(signal.SIGINT, previous)
     if pressed:
         sys.exit(130)
-    cli_main()
+    try:
+        cli_main()
+    finally:
+        # The command is over. Python's exit puts back the default Ctrl-C action, which would kill the
+        # process with a signal while it tears torch down; nothing is left to stop, so ignore it instead.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -216,6 +216,22 @@ def f32_file(hf_dir, tmp_path_factory):
     return convert(hf_dir, "f32", tmp_path_factory.mktemp("f") / "tiny.safetensors")
 
 
+def test_ctrl_c_is_ignored_once_the_command_is_over(monkeypatch):
+    """Python's exit restores the default Ctrl-C action, which would kill rgchat with a signal (no exit code)
+    while torch is torn down; once the command has finished, Ctrl-C is ignored instead."""
+    from rgchat import __main__ as entry
+
+    previous = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(sys, "argv", ["rgchat", "--version"])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            entry.main()
+        assert exited.value.code in (0, None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_during_start_up_exits_130(f32_file):
     for delay in (0.2, 0.6, 1.2):
         proc = start(["run", str(f32_file), "x", "--max-tokens", "4"])
