@@ -12,9 +12,11 @@
  *   bf16  W and x bfloat16, products summed in float32, out rounded to bfloat16.
  *
  * Decode is bound by reading W, so each path reads every weight once for all activation rows, one output
- * row after the other (one sequential stream a thread), with an accumulator per activation row. A row's
- * result never depends on how many rows come with it. Paths: portable C, AVX2 (+FMA), and AVX-512 (VNNI for the integer formats, BF16 for
- * bfloat16), chosen at run time from the CPU's flags, or forced by the caller (the tests force each).
+ * row after the other (one sequential stream a thread), with an accumulator per activation row; from five
+ * activation rows on, the AVX-512 int8 and bf16 paths take output rows in pairs (see int8_pair_avx512).
+ * A row's result never depends on how many rows come with it. Paths: portable C, AVX2 (+FMA), and AVX-512
+ * (VNNI for the integer formats, BF16 for bfloat16), chosen at run time from the CPU's flags, or forced by
+ * the caller (the tests force each).
  *
  * Threads: a persistent pool splits the output rows; the calling thread takes the first slice. Plain C
  * with no Python or torch dependency, called through ctypes; bfloat16 tensors arrive as uint16 bits.
@@ -337,26 +339,25 @@ AVX512 INLINE void int8_rows_avx512(const job_t *j, int64_t n, const int B) {
  * in int8_rows_avx512) no longer set the pace. The sums are exact integers: the same results in any
  * order, so a row's result is the same through either function. */
 AVX512 INLINE void int8_pair_avx512(const job_t *j, int64_t n, const int B) {
-    const int R = 2;
     const int64_t K = j->K, KV = K & ~(int64_t)63;
     const int8_t *w = (const int8_t *)j->w + n * K;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512i acc[2][MAX_ROWS];
-    for (int r = 0; r < R; r++)
+    for (int r = 0; r < 2; r++)
         for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_si512();
     for (int64_t k = 0; k < KV; k += 64) {
         __m512i wu[2];
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0); /* the next pair's rows */
+        for (int r = 0; r < 2; r++) {
+            _mm_prefetch((const char *)(w + (2 + r) * K + k), _MM_HINT_T0); /* the next pair's rows */
             wu[r] = _mm512_xor_si512(_mm512_loadu_si512(w + r * K + k), flip);
         }
         for (int b = 0; b < B; b++) {
             __m512i xv = _mm512_loadu_si512(j->xq + b * K + k);
-            __asm__("" : "+v"(xv)); /* loaded once for R products, not R times */
-            for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wu[r], xv);
+            __asm__("" : "+v"(xv)); /* loaded once for both rows */
+            for (int r = 0; r < 2; r++) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wu[r], xv);
         }
     }
-    for (int r = 0; r < R; r++)
+    for (int r = 0; r < 2; r++)
         for (int b = 0; b < B; b++)
             store_int8(j, b, n + r, _mm512_reduce_add_epi32(acc[r][b]) - 128 * j->xsum[b] +
                                         dot_int8_tail(w + r * K, j->xq + b * K, KV, K));
