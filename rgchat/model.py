@@ -361,9 +361,9 @@ class Griffin(nn.Module):
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.embed_tokens.logits(self.final_norm(x)).float()
+        logits = self.embed_tokens.logits(self.final_norm(x)).float()  # a new tensor: safe to update in place
         cap = self.config.logit_cap
-        return torch.tanh(logits / cap) * cap
+        return logits.div_(cap).tanh_().mul_(cap)  # no two more vocabulary-sized tensors a step
 
     @property
     def prefill_chunk(self) -> int:
