@@ -13,7 +13,7 @@
  *
  * Decode is bound by reading W, so each path reads every weight once for all activation rows, one output
  * row after the other (one sequential stream a thread), with an accumulator per activation row; from five
- * activation rows on, the AVX-512 int8 and bf16 paths take output rows in pairs (see int8_pair_avx512).
+ * activation rows on, the AVX-512 int8 and bf16 paths take output rows in pairs (see int8_block_avx512).
  * A row's result never depends on how many rows come with it. Paths: portable C, AVX2 (+FMA), and AVX-512
  * (VNNI for the integer formats, BF16 for bfloat16), chosen at run time from the CPU's flags, or forced by
  * the caller (the tests force each).
@@ -318,105 +318,73 @@ DEFINE_PART(bf16_part_avx2, bf16_rows_avx2, no_pair, AVX2)
 /* ---- AVX-512 ----------------------------------------------------------------------------------------- */
 
 /* int8 with VPDPBUSD (unsigned times signed bytes, summed in int32 without saturation): the weights are
- * made unsigned by flipping their sign bit (w + 128), and 128 * sum(xq) is taken off at the end. */
-AVX512 INLINE void int8_rows_avx512(const job_t *j, int64_t n, const int B) {
-    const int64_t K = j->K, KV = K & ~(int64_t)63;
-    const int8_t *w = (const int8_t *)j->w + n * K;
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512i acc[MAX_ROWS];
-    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_si512();
-    for (int64_t k = 0; k < KV; k += 64) {
-        _mm_prefetch((const char *)(w + K + k), _MM_HINT_T0); /* the next row */
-        const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);
-        for (int b = 0; b < B; b++) acc[b] = _mm512_dpbusd_epi32(acc[b], wu, _mm512_loadu_si512(j->xq + b * K + k));
-    }
-    for (int b = 0; b < B; b++)
-        store_int8(j, b, n, _mm512_reduce_add_epi32(acc[b]) - 128 * j->xsum[b] + dot_int8_tail(w, j->xq + b * K, KV, K));
-}
-
-/* Two output rows at once for B activation rows: each activation vector loaded serves both output rows and
- * each weight vector all B activation rows, so that with many activation rows the loads (one per VPDPBUSD
- * in int8_rows_avx512) no longer set the pace. The sums are exact integers: the same results in any
- * order, so a row's result is the same through either function. */
-AVX512 INLINE void int8_pair_avx512(const job_t *j, int64_t n, const int B) {
+ * made unsigned by flipping their sign bit (w + 128), and 128 * sum(xq) is taken off at the end.
+ * R (1 or 2) output rows at once: with many activation rows, two let each activation vector loaded serve
+ * both rows, so that the loads (one per VPDPBUSD with one row) no longer set the pace. The sums are exact
+ * integers, so a row's result is the same either way. */
+AVX512 INLINE void int8_block_avx512(const job_t *j, int64_t n, const int R, const int B) {
     const int64_t K = j->K, KV = K & ~(int64_t)63;
     const int8_t *w = (const int8_t *)j->w + n * K;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512i acc[2][MAX_ROWS];
-    for (int r = 0; r < 2; r++)
+    for (int r = 0; r < R; r++)
         for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_si512();
     for (int64_t k = 0; k < KV; k += 64) {
         __m512i wu[2];
-        for (int r = 0; r < 2; r++) {
-            _mm_prefetch((const char *)(w + (2 + r) * K + k), _MM_HINT_T0); /* the next pair's rows */
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0); /* the next rows */
             wu[r] = _mm512_xor_si512(_mm512_loadu_si512(w + r * K + k), flip);
         }
         for (int b = 0; b < B; b++) {
             __m512i xv = _mm512_loadu_si512(j->xq + b * K + k);
-            __asm__("" : "+v"(xv)); /* loaded once for both rows */
-            for (int r = 0; r < 2; r++) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wu[r], xv);
+            if (R > 1) __asm__("" : "+v"(xv)); /* loaded once for both rows, not once for each */
+            for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wu[r], xv);
         }
     }
-    for (int r = 0; r < 2; r++)
+    for (int r = 0; r < R; r++)
         for (int b = 0; b < B; b++)
             store_int8(j, b, n + r, _mm512_reduce_add_epi32(acc[r][b]) - 128 * j->xsum[b] +
                                         dot_int8_tail(w + r * K, j->xq + b * K, KV, K));
 }
-
+AVX512 INLINE void int8_rows_avx512(const job_t *j, int64_t n, const int B) { int8_block_avx512(j, n, 1, B); }
+AVX512 INLINE void int8_pair_avx512(const job_t *j, int64_t n, const int B) { int8_block_avx512(j, n, 2, B); }
 DEFINE_PART(int8_part_avx512, int8_rows_avx512, int8_pair_avx512, AVX512)
 
 #define DOT2_VNNI(lo, xlo, hi, xhi) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi)
 DEFINE_INT4_ROWS(int4_rows_avx512, AVX512, DOT2_VNNI)
 DEFINE_PART(int4_part_avx512, int4_rows_avx512, no_pair, AVX512)
 
-/* bf16 with VDPBF16PS: pairs of bfloat16 products summed into float32 lanes. */
-AVX512BF16 INLINE void bf16_rows_avx512(const job_t *j, int64_t n, const int B) {
-    const int64_t K = j->K, KV = K & ~(int64_t)31, xs = j->x_stride;
-    const uint16_t *w = (const uint16_t *)j->w + n * K;
-    const uint16_t *x = j->xb + n / j->rows_per_head * K;
-    __m512 acc[MAX_ROWS];
-    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < KV; k += 32) {
-        _mm_prefetch((const char *)(w + K + k), _MM_HINT_T0); /* the next row */
-        const __m512i wv = _mm512_loadu_si512(w + k);
-        for (int b = 0; b < B; b++)
-            acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x + b * xs + k));
-    }
-    for (int b = 0; b < B; b++) {
-        float tail = 0.0f;
-        for (int64_t k = KV; k < K; k++) tail += bf16_to_f32(w[k]) * bf16_to_f32(x[b * xs + k]);
-        store(j, b, n, _mm512_reduce_add_ps(acc[b]) + tail);
-    }
-}
-
-/* Two output rows at once, as int8_pair_avx512 does and for the same reason (both rows in one head); each
- * sum is formed in the same order as in bf16_rows_avx512, so a row's result is the same through either. */
-AVX512BF16 INLINE void bf16_pair_avx512(const job_t *j, int64_t n, const int B) {
+/* bf16 with VDPBF16PS: pairs of bfloat16 products summed into float32 lanes; R (1 or 2) output rows at once,
+ * as int8_block_avx512 does and for the same reason (both rows in one head). Each sum is formed in the same
+ * order either way, so a row's result is too. */
+AVX512BF16 INLINE void bf16_block_avx512(const job_t *j, int64_t n, const int R, const int B) {
     const int64_t K = j->K, KV = K & ~(int64_t)31, xs = j->x_stride;
     const uint16_t *w = (const uint16_t *)j->w + n * K;
     const uint16_t *x = j->xb + n / j->rows_per_head * K;
     __m512 acc[2][MAX_ROWS];
-    for (int r = 0; r < 2; r++)
+    for (int r = 0; r < R; r++)
         for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_ps();
     for (int64_t k = 0; k < KV; k += 32) {
         __m512i wv[2];
-        for (int r = 0; r < 2; r++) {
-            _mm_prefetch((const char *)(w + (2 + r) * K + k), _MM_HINT_T0); /* the next pair's rows */
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0); /* the next rows */
             wv[r] = _mm512_loadu_si512(w + r * K + k);
         }
         for (int b = 0; b < B; b++) {
             __m512i xv = _mm512_loadu_si512(x + b * xs + k);
-            __asm__("" : "+v"(xv)); /* loaded once for both rows */
-            for (int r = 0; r < 2; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wv[r], (__m512bh)xv);
+            if (R > 1) __asm__("" : "+v"(xv)); /* loaded once for both rows, not once for each */
+            for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wv[r], (__m512bh)xv);
         }
     }
-    for (int r = 0; r < 2; r++)
+    for (int r = 0; r < R; r++)
         for (int b = 0; b < B; b++) {
             float tail = 0.0f;
             for (int64_t k = KV; k < K; k++) tail += bf16_to_f32(w[r * K + k]) * bf16_to_f32(x[b * xs + k]);
             store(j, b, n + r, _mm512_reduce_add_ps(acc[r][b]) + tail);
         }
 }
+AVX512BF16 INLINE void bf16_rows_avx512(const job_t *j, int64_t n, const int B) { bf16_block_avx512(j, n, 1, B); }
+AVX512BF16 INLINE void bf16_pair_avx512(const job_t *j, int64_t n, const int B) { bf16_block_avx512(j, n, 2, B); }
 DEFINE_PART(bf16_part_avx512, bf16_rows_avx512, bf16_pair_avx512, AVX512BF16)
 #endif /* HAVE_X86 */
 
