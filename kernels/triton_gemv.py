@@ -1,9 +1,14 @@
-"""Quantized weights times one bfloat16 activation row on CUDA (decode), one Triton kernel per format.
+"""Quantized weights times few bfloat16 activation rows on CUDA (decode), Triton kernels per format.
 
-torch has no CUDA kernel for weight-only int8 or int4 at batch 1; dequantizing the matrix on every call reads
-and writes it three times over. Here each program reads BLOCK_N rows of quantized weights once, converts them
+torch has no CUDA kernel for weight-only int8 or int4 at small batch; dequantizing the matrix on every call
+reads and writes it three times over. Here each program reads a block of quantized weights once, converts it
 in registers and scales the dot products: int8 y = (q * scale) x with one scale per row; int4 (two values per
 byte, low nibble first) y = ((q - 8) * scale + zero) x with a scale and zero per group of inputs.
+
+int8 runs one kernel for 1 to MAX_ROWS activation rows (a decode step of one or several conversations): it
+multiplies weight tiles with tensor-core dot products, the rows padded to 16 or 32, so the weights are read
+once for all rows and a row's sums run in the same order whatever rows come with it. int4 runs a plain
+matrix-vector kernel for one row, which its unpacking makes faster there, and such a tile kernel for more.
 """
 
 from __future__ import annotations
@@ -17,36 +22,9 @@ NUM_WARPS = 4
 
 
 def block_rows(n: int) -> int:
-    """Rows per program: few, so that even a 2560-row matrix spreads over all 132 multiprocessors of an H200,
+    """Rows per program of the matrix-vector kernel: few, so that even a 2560-row matrix spreads over all 132 multiprocessors of an H200,
     and more as matrices grow; chosen by a sweep of block shapes there (docs/performance.md)."""
     return 2 if n <= 4096 else 4 if n <= 6144 else 8
-
-
-@triton.jit
-def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed across once, after the loop
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        w = tl.load(q_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-        acc += w.to(tl.float32) * x[None, :]
-    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, (tl.sum(acc, axis=1) * scale).to(y_ptr.dtype.element_ty), mask=row_ok)
-
-
-def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [1, K] (any float dtype) @ (q [N, K] int8 * scale [N])^T -> [1, N] in x's dtype."""
-    N, K = q.shape
-    assert x.shape == (1, K) and q.is_contiguous(), "one contiguous activation row and row-major weights"
-    x = x.contiguous()
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    block_n = block_rows(N)
-    _int8_gemv_kernel[(triton.cdiv(N, block_n),)](x, q, scale, y, N, K, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-                                                   num_warps=NUM_WARPS)
-    return y
 
 
 @triton.jit
@@ -82,4 +60,96 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     block_n = block_rows(N)
     _int4_gemv_kernel[(triton.cdiv(N, block_n),)](x, packed, scale, zero, y, N, K, GROUP=group, BLOCK_N=block_n,
                                                    BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+    return y
+
+
+# Rows a decode step may have; beyond this (prefill) the callers dequantize and multiply.
+MAX_ROWS = 32
+INT8_BLOCK_K = 256  # fixed: a row's sum runs in this order whatever the row count (batch invariance)
+INT4_ROWS_BLOCK_K = 128
+ROWS_NUM_STAGES = 4
+
+
+def rows_block_n(n: int, m: int) -> int:
+    """Output columns per program of the tile kernels, by a sweep of block shapes on an H200
+    (docs/performance.md): narrow blocks spread small matrices over all the multiprocessors."""
+    return 64 if n > 8192 else 16 if m > 16 and n <= 5120 else 32
+
+
+def _rows_block_m(m: int) -> int:
+    # tensor-core dot products take 16 rows at least
+    return 16 if m <= 16 else 32
+
+
+@triton.jit
+def _int8_rows_kernel(x_ptr, q_ptr, scale_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    m = tl.arange(0, BLOCK_M)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = m < M, n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(q_ptr + n[None, :] * K + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)  # [K, N]
+        acc = tl.dot(x.to(tl.bfloat16), w.to(tl.bfloat16), acc)  # int8 values are exact in bfloat16
+    scale = tl.load(scale_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m[:, None] * N + n[None, :], (acc * scale[None, :]).to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16, 1 <= M <= MAX_ROWS, @ (q [N, K] int8 * scale [N])^T -> [M, N] bfloat16. A row's
+    result does not depend on the rows computed with it."""
+    (M, K), N = x.shape, q.shape[0]
+    assert 1 <= M <= MAX_ROWS and x.dtype == torch.bfloat16 and q.shape[1] == K and q.is_contiguous()
+    x = x.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_n = rows_block_n(N, M)
+    _int8_rows_kernel[(triton.cdiv(N, block_n),)](x, q, scale, y, M, N, K, BLOCK_M=_rows_block_m(M),
+                                                   BLOCK_N=block_n, BLOCK_K=INT8_BLOCK_K,
+                                                   num_warps=NUM_WARPS, num_stages=ROWS_NUM_STAGES)
+    return y
+
+
+@triton.jit
+def _int4_rows_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, GROUP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    m = tl.arange(0, BLOCK_M)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = m < M, n < N
+    half, groups = K // 2, K // GROUP
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low nibble) and 2j+1 (high)
+        j_ok = j < half
+        ok = j_ok[:, None] & n_ok[None, :]
+        b = tl.load(packed_ptr + n[None, :] * half + j[:, None], mask=ok, other=0).to(tl.int32)  # [K/2, N]
+        g = n[None, :] * groups + (2 * j[:, None]) // GROUP  # both nibbles of a byte share a group
+        s = tl.load(scale_ptr + g, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + g, mask=ok, other=0.0).to(tl.float32)
+        low = (((b & 0xF).to(tl.float32) - 8.0) * s + z).to(tl.bfloat16)
+        high = (((b >> 4).to(tl.float32) - 8.0) * s + z).to(tl.bfloat16)
+        x_ok = m_ok[:, None] & j_ok[None, :]
+        x_even = tl.load(x_ptr + m[:, None] * K + 2 * j[None, :], mask=x_ok, other=0.0)
+        x_odd = tl.load(x_ptr + m[:, None] * K + 2 * j[None, :] + 1, mask=x_ok, other=0.0)
+        acc = tl.dot(x_even, low, tl.dot(x_odd, high, acc))
+    tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def int4_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16, 1 <= M <= MAX_ROWS, @ W^T for int4_gemv's layout of W -> [M, N] bfloat16."""
+    M, K = x.shape
+    N, half = packed.shape
+    group = 2 * half // scale.shape[1]
+    assert 1 <= M <= MAX_ROWS and x.dtype == torch.bfloat16 and K == 2 * half
+    assert packed.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()
+    x = x.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_n = rows_block_n(N, M)
+    _int4_rows_kernel[(triton.cdiv(N, block_n),)](x, packed, scale, zero, y, M, N, K, GROUP=group,
+                                                   BLOCK_M=_rows_block_m(M), BLOCK_N=block_n,
+                                                   BLOCK_K=INT4_ROWS_BLOCK_K, num_warps=NUM_WARPS,
+                                                   num_stages=ROWS_NUM_STAGES)
     return y

@@ -1,12 +1,14 @@
 """Decode on CUDA as one captured graph. A 2B step is about a thousand small kernels; launched one by one
 from Python they cost more than the step's memory traffic. So the step is first fused by torch.compile
 (to a few hundred kernels: element-wise chains become single Triton kernels) and then recorded as a CUDA
-graph, which launches them all at once. A graph is recorded for one State's buffers (each slot of an
-engine gets its own) and replayed with the token and position written into static device tensors.
+graph, which launches them all at once. A graph is recorded for the first n rows of an engine's slot pool
+(n a bucket: 1, 2, 4, ... up to the pool's size) and replayed with the rows' tokens and positions written
+into static device tensors; one replay decodes every conversation in those rows, reading the weights once.
 
 Compiling is slow on a first start and quicker once torch's on-disk cache holds the result (the times are
-in docs/performance.md). RGCHAT_COMPILE=0 skips it (a graph of the plain step: slower per token, quick to
-start); RGCHAT_CUDA_GRAPHS=0 turns graphs off altogether (eager steps)."""
+in docs/performance.md); each bucket is compiled on its first use. RGCHAT_COMPILE=0 skips it (a graph of
+the plain step: slower per token, quick to start); RGCHAT_CUDA_GRAPHS=0 turns graphs off altogether (eager
+steps)."""
 
 from __future__ import annotations
 
@@ -28,22 +30,23 @@ def _notice(message: str) -> None:
     print(f"rgchat: {message}", file=sys.stderr, flush=True)
 
 
-def buffers_of(state: State) -> tuple[int, ...]:
-    """What a graph recorded for `state` depends on: the addresses of its tensors."""
-    return tuple(t.data_ptr() for t in state.tensors())
+def bucket(rows: int, slots: int) -> int:
+    """The rows a graph covers to decode the first `rows` rows of a pool of `slots`: the next power of two,
+    or the whole pool, so that few graphs serve every batch."""
+    return min(1 << (rows - 1).bit_length(), slots)
 
 
 class GraphStep:
-    """Model.step_static for one State, compiled (unless `compile` is False) and captured."""
+    """Model.step_static for the rows of `pool` (the first rows of an engine's pool), compiled (unless
+    `compile` is False) and captured."""
 
-    def __init__(self, model: Griffin, state: State, compile: bool):
-        device = model.device
+    def __init__(self, model: Griffin, pool: State, compile: bool):
+        device, rows = model.device, pool.tensors()[0].shape[0]
         self.compiled = compile
-        self.buffers = buffers_of(state)
-        self.token = torch.zeros(1, dtype=torch.long, device=device)
-        self.pos = torch.full((), state.pos, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.positions = torch.ones(rows, dtype=torch.long, device=device)
         step = torch.compile(model.step_static, dynamic=False) if compile else model.step_static
-        saved = state.clone()
+        saved = pool.clone()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         try:
@@ -52,67 +55,66 @@ class GraphStep:
                 # for the process, which torch.compile warns about needlessly.
                 warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools")
                 for _ in range(WARMUP_STEPS):
-                    step(self.token, self.pos, state)
+                    step(self.tokens, self.positions, pool)
             torch.cuda.current_stream(device).wait_stream(side)
         finally:
-            state.copy_(saved)  # the warm-up steps were not real
+            pool.copy_(saved)  # the warm-up steps were not real
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records, does not run
-            self.logits = step(self.token, self.pos, state)
+            self.logits = step(self.tokens, self.positions, pool)
 
-    def serves(self, state: State) -> bool:
-        return self.buffers == buffers_of(state)
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
 
-    def __call__(self, token: int | torch.Tensor, state: State) -> torch.Tensor:
-        self.token.fill_(token)
-        self.pos.fill_(state.pos)
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Decode one token for every row (each at its position); returns the logits [rows, vocab], which
+        the next replay overwrites."""
+        self.tokens.copy_(torch.tensor(tokens, dtype=torch.long))
+        self.positions.copy_(torch.tensor(positions, dtype=torch.long))
         self.graph.replay()
-        state.pos += 1
         return self.logits
 
 
-def _capture(model: Griffin, state: State, compile: bool) -> GraphStep | bool:
+def _capture(model: Griffin, pool: State, compile: bool) -> GraphStep | bool:
     """A GraphStep, compiled if asked and possible, else plain; False if no graph could be recorded."""
     if compile:
         try:
-            return GraphStep(model, state, compile=True)
+            return GraphStep(model, pool, compile=True)
         except Exception as e:  # the compiler's failures have many types (missing toolchain, unsupported op)
             _notice(f"torch.compile failed, recording the plain step ({str(e).splitlines()[0][:200]})")
     try:
-        return GraphStep(model, state, compile=False)
+        return GraphStep(model, pool, compile=False)
     except RuntimeError as e:
         _notice(f"CUDA graph capture failed, decoding eagerly ({str(e).splitlines()[0]})")
         return False
 
 
 class CapturedStep:
-    """An engine's captured decode steps, one per slot State (a graph replays for the buffers it was
-    recorded with): recorded on first use, the first capture's choice of compiling kept for the others
-    (a later capture reuses the compiled code). Several slots decode one after another, each through its
-    own graph, which on CUDA is far faster than an eager batched step."""
+    """An engine's captured decode steps, one per bucket of pool rows: recorded on first use, the first
+    capture's choice of compiling kept for the others."""
 
     def __init__(self) -> None:
-        self.graphs: dict[tuple[int, ...], GraphStep] = {}
+        self.graphs: dict[int, GraphStep] = {}  # by the rows they cover
         self.compiled: bool | None = None  # the choice made at the first capture
         self.failed = False  # graphs could not be recorded: decode eagerly
 
-    def runner(self, model: Griffin, state: State) -> GraphStep | None:
-        """The captured step for `state`, capturing it first if needed; None where graphs are off or failed
-        (then the eager step runs)."""
+    def runner(self, model: Griffin, pool: State, rows: int) -> GraphStep | None:
+        """The captured step for the first `rows` rows of `pool`, capturing it first if needed; None where
+        graphs are off or failed (then the eager step runs)."""
         if os.environ.get(ENV_VAR, "1") == "0" or self.failed:
             return None
-        key = buffers_of(state)
-        if key not in self.graphs:
+        if rows not in self.graphs:
             compile = self.compiled
             if compile is None:
                 compile = os.environ.get(COMPILE_ENV_VAR, "1") != "0"
-                if compile:
-                    _notice("compiling the CUDA decode step (a minute or more on a first start, less once "
-                            "cached; RGCHAT_COMPILE=0 skips it)")
-            graph = _capture(model, state, compile)
+            if compile:
+                _notice(f"compiling the CUDA decode step for {rows} conversation{'s' if rows > 1 else ''} "
+                        "(a minute or more on a first start, less once cached; RGCHAT_COMPILE=0 skips it)")
+            graph = _capture(model, pool.head(rows), compile)
             if graph is False:
                 self.failed = True
                 return None
             self.compiled = graph.compiled
-            self.graphs[key] = graph
-        return self.graphs[key]
+            self.graphs[rows] = graph
+        return self.graphs[rows]

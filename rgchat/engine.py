@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from rgchat import gemv
+from rgchat.cuda_graph import CapturedStep, GraphStep, bucket
 from rgchat.errors import RGChatError
 from rgchat.model import Griffin
 from rgchat.state import State
@@ -22,19 +23,18 @@ class EngineFull(RGChatError):
 
 
 class Engine:
-    """`model` with `slots` conversation slots. The slots' States are rows of shared buffers (`State.pool`);
+    """`model` with `slots` conversation slots. The slots' States are the rows of one pool (`State.pool`);
     `state(slot)` is that row as a State of its own, which prefill, the chat session and state files use."""
 
     def __init__(self, model: Griffin, slots: int = 1):
         if slots < 1:
             raise ValueError("an engine needs at least one slot")
         self.model = model
-        self.states = State.pool(model.config, model.dtype, model.device, slots)
+        self.pool = State.pool(model.config, model.dtype, model.device, slots)
+        self.states = [self.pool.row(i) for i in range(slots)]
         self.free = list(range(slots))
-        self.captured = None  # the CUDA decode graphs, one per slot (rgchat/cuda_graph.py), made on first use
+        self.captured = None  # the CUDA decode graphs, one per bucket of rows (rgchat/cuda_graph.py), made on use
         if model.device.type == "cuda":
-            from rgchat.cuda_graph import CapturedStep
-
             self.captured = CapturedStep()
 
     @property
@@ -78,17 +78,34 @@ class Engine:
         return self.model.forward(torch.tensor(ids, dtype=torch.long), self.state(slot))
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """One step for several slots: feed each its token, return the next logits [n, vocab]. On CUDA each
-        slot replays its own captured graph (rgchat/cuda_graph.py), one after another; elsewhere one
-        batched step runs."""
+        """One step for several slots: feed each its token, return the next logits [n, vocab]. On CUDA a
+        captured graph of the pool's first rows runs (rgchat/cuda_graph.py); elsewhere one batched step of
+        just these slots."""
         if len(set(slots)) != len(slots):
             raise ValueError("decode takes each slot once")
         states = [self.state(slot) for slot in slots]
         if self.captured is not None and all(s.pos > 0 for s in states):
-            graphs = [self.captured.runner(self.model, s) for s in states]
-            if all(g is not None for g in graphs):
-                return torch.stack([g(t, s) for g, t, s in zip(graphs, tokens, states, strict=True)])
+            graph = self.captured.runner(self.model, self.pool, bucket(max(slots) + 1, self.slots))
+            if graph is not None:
+                return self._replay(graph, slots, tokens)
         if self.model.device.type != "cpu":
             return self.model.decode(torch.tensor(tokens, dtype=torch.long), states)
         with gemv.owning_the_cores():
             return self.model.decode(torch.tensor(tokens, dtype=torch.long), states)
+
+    def _replay(self, graph: GraphStep, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Decode `slots` through a graph of the pool's first rows. The graph steps every row it covers, so
+        rows that hold a conversation but are not decoding now (a prompt being prefilled, a turn not yet
+        asked) are put back afterwards; free rows' contents do not matter (admit overwrites them)."""
+        row_tokens, positions = [0] * graph.rows, [1] * graph.rows
+        for slot, token in zip(slots, tokens, strict=True):
+            row_tokens[slot], positions[slot] = token, self.states[slot].pos
+        decoding = set(slots)
+        waiting = [i for i in range(graph.rows) if i not in decoding and i not in self.free]
+        saved = [self.states[i].clone() for i in waiting]
+        logits = graph(row_tokens, positions)[slots]  # a copy: the next replay overwrites the graph's output
+        for i, state in zip(waiting, saved, strict=True):
+            self.states[i].copy_(state)
+        for slot in slots:
+            self.states[slot].pos += 1
+        return logits

@@ -6,6 +6,8 @@ conversations at once (one row each, every conversation at its own position).
 
 Activations are [n, T, width]: n conversations of T new tokens each. Prefill has n = 1, a decode step
 T = 1; only the conv, the RG-LRU and attention look across tokens, and attention runs per conversation.
+`step_static` is the decode step that a CUDA graph captures: the same network over rows of the engine's
+slot pool, with shapes that never change.
 Parameter names match Hugging Face transformers' (without the `model.` prefix).
 """
 
@@ -55,11 +57,27 @@ class RMSNorm(nn.Module):
 class Chunk:
     """What every layer needs to know about the tokens being processed, computed once per forward."""
 
-    start: int | None  # position of the first token (None in a static step: it lives on the device)
+    start: int  # position of the first token
     cos: torch.Tensor  # [T, head_dim/4] RoPE tables
     sin: torch.Tensor
     mask: torch.Tensor  # [T, keys] bool: which keys each query may see
-    slot: torch.Tensor | None = None  # static step: the ring slot [1] the new key goes to
+
+
+@dataclasses.dataclass
+class StaticStep:
+    """One token for each of n conversations (the first n rows of a slot pool, `State.pool`) at positions
+    held on the device, in a form whose shapes never change, so that the step can be captured once as a
+    CUDA graph: attention reads each whole ring buffer, its unfilled slots masked."""
+
+    cos: torch.Tensor  # [n, head_dim/4] RoPE tables
+    sin: torch.Tensor
+    mask: torch.Tensor  # [n, window + 1] bool: the ring slots each query may see, then its own key
+    slot: torch.Tensor  # [n] the ring slot each new key goes to
+    rows: torch.Tensor  # [n] 0..n-1, to index the rows of the pool
+
+
+# What the layers are told about the tokens: one Chunk per conversation, or a StaticStep for all of them.
+Steps = list[Chunk] | StaticStep
 
 
 class MLP(nn.Module):
@@ -148,23 +166,30 @@ class RecurrentBlock(nn.Module):
         self.rg_lru = RGLRU(cfg, dtype, device)
         self.linear_yx = None  # linear_y and linear_x as one matrix, once fuse_projections_ ran
 
-    def forward(self, x: torch.Tensor, states: list[RecurrentLayerState], chunks: list[Chunk]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: list[RecurrentLayerState] | RecurrentLayerState,
+                chunks: Steps) -> torch.Tensor:
+        """x [n, T, width] for the n conversations of `states`: a list of them, or in a static step the pool
+        rows as one layer state [n, ...]."""
         if self.linear_yx is not None:
             y, u = self.linear_yx(x).chunk(2, dim=-1)
         else:
             y, u = self.linear_y(x), self.linear_x(x)
         y = gelu(y)
-        conv_state, h = gathered([s.conv for s in states]), gathered([s.h for s in states])
+        static = isinstance(chunks, StaticStep)
+        if static:  # the pool's rows themselves, updated in place
+            conv_state, h = states.conv, states.h
+        else:
+            conv_state, h = gathered([s.conv for s in states]), gathered([s.h for s in states])
         # Causal depthwise conv over [previous inputs, this chunk]: out_t = b + sum_k w[k] * u_{t-(width-1)+k}.
         window = torch.cat([conv_state, u], dim=1)  # [n, width - 1 + T, L]
         w = self.conv_1d.weight[:, 0, :]
         T, width = u.shape[1], w.shape[1]
         conv = self.conv_1d.bias + sum(window[:, k:k + T] * w[:, k] for k in range(width))
         conv_state.copy_(window[:, T:])
-        # (a static step never starts a document)
-        u = self.rg_lru(conv, h, at_start=len(chunks) == 1 and chunks[0].start == 0)
-        scatter([s.conv for s in states], conv_state)
-        scatter([s.h for s in states], h)
+        u = self.rg_lru(conv, h, at_start=not static and len(chunks) == 1 and chunks[0].start == 0)
+        if not static:
+            scatter([s.conv for s in states], conv_state)
+            scatter([s.h for s in states], h)
         return self.linear_out(u * y)
 
 
@@ -209,6 +234,22 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     return torch.einsum("kgts,skd->tkgd", probs, values).reshape(T, heads, head_dim)
 
 
+def attend_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """One token of each of n conversations: q [n, heads, hd] over its ring buffers ring_k, ring_v
+    [n, window, kv_heads, hd] and its own new key and value k, v [n, kv_heads, hd], where mask [n, window + 1]
+    allows. The new key is scored apart from the ring, so the ring is read once and never copied."""
+    n, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.view(n, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.cat([torch.einsum("nkgd,nskd->nkgs", qg, ring_k),
+                        torch.einsum("nkgd,nkd->nkg", qg, k)[..., None]], dim=-1) * head_dim ** -0.5
+    scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.einsum("nkgs,nskd->nkgd", probs[..., :-1], ring_v) + probs[..., -1:] * v[:, :, None, :]
+    return out.reshape(n, heads, head_dim)
+
+
 class AttentionBlock(nn.Module):
     """Local multi-query attention over a ring buffer of the last `window` keys and values."""
 
@@ -222,14 +263,29 @@ class AttentionBlock(nn.Module):
         self.o_proj = Linear(cfg.width, cfg.width, True, dtype, device)
         self.qkv_proj = None  # q_proj, k_proj and v_proj as one matrix, once fuse_projections_ ran
 
-    def forward(self, x: torch.Tensor, states: list[AttentionLayerState], chunks: list[Chunk]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: list[AttentionLayerState] | AttentionLayerState,
+                chunks: Steps) -> torch.Tensor:
         if self.qkv_proj is not None:
             kv_width = self.kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if isinstance(chunks, StaticStep):
+            return self.o_proj(self._attend_static(q[:, 0], k[:, 0], v[:, 0], states, chunks)[:, None])
         out = [self._attend(*parts) for parts in zip(q, k, v, states, chunks, strict=True)]
         return self.o_proj(torch.stack(out))
+
+    def _attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: AttentionLayerState,
+                       step: StaticStep) -> torch.Tensor:
+        """One token of each pool row ([n, width] projections) against its whole ring buffer."""
+        n = q.shape[0]
+        q = apply_rope(q.view(n, self.heads, self.head_dim), step.cos, step.sin)
+        k = apply_rope(k.view(n, self.kv_heads, self.head_dim), step.cos, step.sin)
+        v = v.view(n, self.kv_heads, self.head_dim)
+        out = attend_ring(q, k, v, pool.k, pool.v, step.mask).reshape(n, -1)
+        pool.k.index_put_((step.rows, step.slot), k)  # then remember the new key and value
+        pool.v.index_put_((step.rows, step.slot), v)
+        return out
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: AttentionLayerState,
                 chunk: Chunk) -> torch.Tensor:
@@ -240,22 +296,15 @@ class AttentionBlock(nn.Module):
         v = v.view(T, self.kv_heads, self.head_dim)
 
         window = state.k.shape[0]
-        if chunk.slot is not None:  # static step: the whole ring buffer, unfilled slots masked out
-            keys, values = torch.cat([state.k, k]), torch.cat([state.v, v])
-        else:
-            cached = min(chunk.start, window)  # filled ring slots (all of them once the window is full)
-            keys, values = torch.cat([state.k[:cached], k]), torch.cat([state.v[:cached], v])  # [S, kv, hd]
+        cached = min(chunk.start, window)  # filled ring slots (all of them once the window is full)
+        keys, values = torch.cat([state.k[:cached], k]), torch.cat([state.v[:cached], v])  # [S, kv, hd]
         out = attend(q, keys, values, chunk.mask).reshape(T, -1)
 
         # Remember the newest keys and values; only the last `window` of a long chunk can matter later.
-        if chunk.slot is not None:
-            state.k.index_copy_(0, chunk.slot, k)
-            state.v.index_copy_(0, chunk.slot, v)
-        else:
-            keep = min(T, window)
-            slots = torch.arange(chunk.start + T - keep, chunk.start + T, device=q.device) % window
-            state.k.index_copy_(0, slots, k[T - keep:])
-            state.v.index_copy_(0, slots, v[T - keep:])
+        keep = min(T, window)
+        slots = torch.arange(chunk.start + T - keep, chunk.start + T, device=q.device) % window
+        state.k.index_copy_(0, slots, k[T - keep:])
+        state.v.index_copy_(0, slots, v[T - keep:])
         return out
 
 
@@ -268,7 +317,7 @@ class ResidualBlock(nn.Module):
         self.channel_pre_norm = RMSNorm(cfg.width, cfg.rms_eps, dtype, device)
         self.mlp_block = MLP(cfg, dtype, device)
 
-    def forward(self, x: torch.Tensor, states: list[LayerState], chunks: list[Chunk]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: list[LayerState] | LayerState, chunks: Steps) -> torch.Tensor:
         r = x + self.temporal_block(self.temporal_pre_norm(x), states, chunks)
         return r + self.mlp_block(self.channel_pre_norm(r))
 
@@ -309,14 +358,13 @@ class Griffin(nn.Module):
         mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= q_pos[:, None] - window)
         return Chunk(start, angles.cos(), angles.sin(), mask)
 
-    def _static_chunk(self, pos: torch.Tensor) -> Chunk:
-        """One token at device position `pos` (0-d), in a form whose shapes never change, so that a step can
-        be captured once as a CUDA graph: attention reads the whole ring buffer with unfilled slots masked."""
-        window = self.config.window
-        angles = pos.float().reshape(1, 1) * self._inv_freq()
-        filled = torch.arange(window, device=pos.device) < pos
-        mask = torch.cat([filled, torch.ones(1, dtype=torch.bool, device=pos.device)])[None]
-        return Chunk(None, angles.cos(), angles.sin(), mask, slot=(pos % window).reshape(1))
+    def _static_step(self, positions: torch.Tensor) -> StaticStep:
+        """One token for each of n conversations at device positions [n]."""
+        window, n, device = self.config.window, positions.shape[0], positions.device
+        angles = positions.float()[:, None] * self._inv_freq()
+        filled = torch.arange(window, device=device) < positions[:, None]  # ring slots written so far
+        mask = torch.cat([filled, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
+        return StaticStep(angles.cos(), angles.sin(), mask, positions % window, torch.arange(n, device=device))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = False) -> torch.Tensor:
@@ -335,7 +383,7 @@ class Griffin(nn.Module):
 
         On the CPU a row's logits do not depend on the other rows (up to 16 rows in float32, 64 in int8: see
         `quant.row_by_row` and `quant.int8_matmul`), so a conversation decodes to the same tokens alone or
-        beside others; on CUDA the engine replays a graph per conversation instead (rgchat/engine.py)."""
+        beside others; on CUDA the engine replays a captured `step_static` instead (rgchat/engine.py)."""
         if len(states) != tokens.shape[0] or not states:
             raise ValueError("decode takes one token per state")
         if len(states) > 1 and any(s.pos == 0 for s in states):
@@ -347,17 +395,20 @@ class Griffin(nn.Module):
         return self._logits(x[:, -1])
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot trace in-place updates of the state under it
-    def step_static(self, token: torch.Tensor, pos: torch.Tensor, state: State) -> torch.Tensor:
-        """One decode step with the token [1] and its position (0-d) as device tensors, and shapes that never
-        change: what a CUDA graph captures (after torch.compile). The caller advances `state.pos`."""
-        return self._logits(self._layers(token[None], [state], [self._static_chunk(pos)])[0, -1])
+    def step_static(self, tokens: torch.Tensor, positions: torch.Tensor, pool: State) -> torch.Tensor:
+        """One decode step for the n conversations whose states are the rows of `pool` (tensors [n, ...],
+        the first rows of `State.pool`'s buffers), with their tokens and positions [n] as device tensors and
+        shapes that never change: what a CUDA graph captures (after torch.compile). Returns float32 logits
+        [n, vocab]; the caller advances the positions."""
+        return self._logits(self._layers(tokens[:, None], pool, self._static_step(positions))[:, -1])
 
-    def _layers(self, tokens: torch.Tensor, states: list[State], chunks: list[Chunk]) -> torch.Tensor:
-        """tokens [n, T] of n conversations -> the final hidden states [n, T, width]."""
+    def _layers(self, tokens: torch.Tensor, states: list[State] | State, chunks: Steps) -> torch.Tensor:
+        """tokens [n, T] of n conversations (`states`, or the rows of one pool State) -> the final hidden
+        states [n, T, width]."""
         x = self.embed_tokens.lookup(tokens)
         x = x * self.embed_scale  # exact: the scale is a bfloat16 value
         for i, layer in enumerate(self.layers):
-            x = layer(x, [s.layers[i] for s in states], chunks)
+            x = layer(x, states.layers[i] if isinstance(states, State) else [s.layers[i] for s in states], chunks)
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

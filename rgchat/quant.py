@@ -207,14 +207,16 @@ def _int8_cpu(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ (q * scale)^T without materialising the float weight when x has few rows.
 
-    On the CPU one kernel serves every row count up to KERNEL_MAX_ROWS, so a row's result does not depend
-    on how many rows are multiplied with it (conversations decoded together get what they get alone)."""
+    On the CPU one kernel serves every row count up to KERNEL_MAX_ROWS, and on CUDA one Triton kernel every
+    count up to its MAX_ROWS, so a row's result does not depend on how many rows are multiplied with it
+    (conversations decoded together get what they get alone)."""
     rows = x.reshape(-1, x.shape[-1])
     out = None
     if x.device.type == "cpu" and rows.shape[0] <= KERNEL_MAX_ROWS:
         out = _int8_cpu(rows, q, scale)
-    elif x.device.type == "cuda" and rows.shape[0] == 1 and (kernels := _triton_gemv()) is not None:
-        out = kernels.int8_gemv(rows, q, scale)
+    elif (x.device.type == "cuda" and (kernels := _triton_gemv()) is not None
+          and rows.shape[0] <= kernels.MAX_ROWS and rows.dtype == torch.bfloat16):
+        out = kernels.int8_rows(rows, q, scale)
     if out is None:  # many rows: dequantize (to float32 on a CPU without native bfloat16 products) and multiply
         dtype = torch.float32 if x.device.type == "cpu" and not cpu_has_bf16() else x.dtype
         out = (F.linear(rows.to(dtype), q.to(dtype)) * scale.to(dtype)).to(x.dtype)
@@ -291,8 +293,8 @@ _PACK_ROWS = 4096  # torch's CPU int4 packing is local to blocks of 64 rows: pac
 class _Int4Weight(nn.Module):
     """int4 storage plus, once `prepare()` ran, what the device's matmul wants: on CPU the stored int4 itself
     for the native kernel, or else torch's packed int4 layout (bf16 activations, tensors with rows a
-    multiple of 16); on CUDA the stored int4 itself (a Triton kernel reads it for one row, longer inputs
-    dequantize per call); elsewhere a dequantized bf16 copy."""
+    multiple of 16); on CUDA the stored int4 itself (Triton kernels read it for up to MAX_ROWS rows, longer
+    inputs dequantize per call); elsewhere a dequantized bf16 copy."""
 
     def __init__(self, out_features: int, in_features: int, device=None):
         super().__init__()
@@ -354,6 +356,8 @@ class _Int4Weight(nn.Module):
         elif self.runtime[0] == "cuda":
             if rows.shape[0] == 1:
                 out = _triton_gemv().int4_gemv(rows, *self.runtime[1:])
+            elif rows.shape[0] <= _triton_gemv().MAX_ROWS and rows.dtype == torch.bfloat16:
+                out = _triton_gemv().int4_rows(rows, *self.runtime[1:])
             else:  # prefill: dequantizing costs little next to a matrix product over many rows
                 out = F.linear(rows, dequantize_int4(*self.runtime[1:], rows.dtype))
         else:

@@ -58,16 +58,21 @@ class State:
         return cls(layers)
 
     @classmethod
-    def pool(cls, config: GriffinConfig, dtype: torch.dtype, device: torch.device | str, count: int) -> list[State]:
-        """`count` empty states whose tensors are the rows of shared [count, ...] buffers: one conversation
-        per row, laid out side by side for batched kernels, each still a State of its own."""
-        shapes = cls.empty(config, dtype, "meta")
-        buffers = [torch.zeros((count, *t.shape), dtype=t.dtype, device=device) for t in shapes.tensors()]
-        states = []
-        for i in range(count):
-            rows = iter(b[i] for b in buffers)
-            states.append(cls([_map(layer, lambda t: next(rows)) for layer in shapes.layers]))
-        return states
+    def pool(cls, config: GriffinConfig, dtype: torch.dtype, device: torch.device | str, count: int) -> State:
+        """A pool of `count` empty conversations: a State whose tensors are [count, ...] buffers, one
+        conversation per row, laid out side by side for batched kernels. `row(i)` is each a State of its own;
+        `head(n)` the first n rows together, for the batched step (`Griffin.step_static`). A pool's own
+        `pos` means nothing: each row's State keeps its own."""
+        return cls([_map(layer, lambda t: torch.zeros((count, *t.shape), dtype=t.dtype, device=device))
+                    for layer in cls.empty(config, dtype, "meta").layers])
+
+    def row(self, i: int) -> State:
+        """Row i of a pool: a State viewing the pool's buffers (so updates of either reach both)."""
+        return State([_map(layer, lambda t: t[i]) for layer in self.layers])
+
+    def head(self, n: int) -> State:
+        """The first n rows of a pool, as a pool."""
+        return State([_map(layer, lambda t: t[:n]) for layer in self.layers])
 
     @staticmethod
     def size_for(config: GriffinConfig, dtype: torch.dtype) -> int:

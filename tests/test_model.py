@@ -58,24 +58,33 @@ def test_window_follows_official_mask():
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "torch.compile"])
-def test_static_step_equals_the_step_before_and_after_the_window_fills(traced):
-    """The graph-capturable step (whole ring buffer, device-side position) computes what the eager step does,
-    also as torch.compile traces it for CUDA (here with the aot_eager backend, which needs no compiler: it
-    checks the tracing, in-place state updates included; the CUDA tests run the real compiler)."""
+def test_static_step_equals_the_step_for_rows_at_their_own_positions(traced):
+    """The graph-capturable step (the rows of a slot pool, each at its own device position, whole ring
+    buffers) computes what the eager step does for each conversation alone, before and after the window
+    fills, also as torch.compile traces it for CUDA (here with the aot_eager backend, which needs no
+    compiler: it checks the tracing, in-place state updates included; the CUDA tests run the real
+    compiler)."""
     config = GriffinConfig(**{**CYCLES.to_dict(), "window": 8})
     model = fuse_projections_(tiny_model(config, seed=5)) if traced else tiny_model(config, seed=5)
     static_step = torch.compile(model.step_static, dynamic=False, backend="aot_eager") if traced else model.step_static
-    tokens = random_tokens(30, config.vocab_size, seed=9)
-    eager, static = model.new_state(), model.new_state()
-    model.prefill(tokens[:3], eager)
-    model.prefill(tokens[:3], static)
-    for t in tokens[3:]:  # positions 3..29 cross the window (8) several times
-        expected = model.step(int(t), eager)
-        got = static_step(t.reshape(1), torch.tensor(static.pos), static)
-        static.pos += 1
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
-    for a, b in zip(eager.tensors(), static.tensors(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    tokens = [random_tokens(30, config.vocab_size, seed=9 + i) for i in range(3)]
+    prompts = [3, 1, 11]  # ragged: the third row starts beyond the window
+    pool = State.pool(config, model.dtype, "cpu", 3)
+    rows = [pool.row(i) for i in range(3)]
+    alone = [model.new_state() for _ in range(3)]
+    for row, state, ids, n in zip(rows, alone, tokens, prompts):
+        model.prefill(ids[:n], row)
+        model.prefill(ids[:n], state)
+    for i in range(15):  # positions cross the window (8) at different steps
+        step_tokens = torch.stack([ids[n + i] for ids, n in zip(tokens, prompts)])
+        got = static_step(step_tokens, torch.tensor([r.pos for r in rows]), pool)
+        for j, (row, state) in enumerate(zip(rows, alone)):
+            row.pos += 1
+            expected = model.step(int(step_tokens[j]), state)
+            torch.testing.assert_close(got[j], expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    for row, state in zip(rows, alone):
+        for a, b in zip(row.tensors(), state.tensors(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("window,chunk", [(8, 5), (8, 16), (64, 7)])

@@ -144,13 +144,13 @@ def test_int4_model_logits_stay_near_f32():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows,cols", [(7680, 2560), (256, 2560), (2560, 7680), (100, 96)])
 def test_cuda_int8_matvec_equals_the_dequantized_product(rows, cols):
-    from rgchat.kernels.triton_gemv import int8_gemv
+    from rgchat.kernels.triton_gemv import int8_rows
 
     gen = torch.Generator().manual_seed(rows + cols)
     q, scale = quantize_int8(torch.randn(rows, cols, generator=gen))
     x = torch.randn(1, cols, generator=gen).to(torch.bfloat16)
     expected = x.float() @ dequantize_int8(q, scale).t()
-    got = int8_gemv(x.cuda(), q.cuda(), scale.cuda())
+    got = int8_rows(x.cuda(), q.cuda(), scale.cuda())
     assert got.dtype == torch.bfloat16 and got.shape == (1, rows)
     torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
     # and through the module path a decode step takes
@@ -169,6 +169,33 @@ def test_cuda_int4_matvec_equals_the_dequantized_product(rows, cols):
     got = int4_gemv(x.cuda(), packed.cuda(), scale.cuda(), zero.cuda())
     assert got.dtype == torch.bfloat16 and got.shape == (1, rows)
     torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("rows,cols", [(7680, 2560), (2560, 7680), (100, 96)])
+def test_cuda_several_rows_equal_the_dequantized_product_and_each_row_alone(fmt, rows, cols):
+    """The kernels for a decode step of several conversations: 2 to 32 activation rows against the
+    dequantized product, and each row's result the same whatever rows are computed with it."""
+    from rgchat.kernels import triton_gemv
+
+    gen = torch.Generator().manual_seed(rows + cols)
+    w = torch.randn(rows, cols, generator=gen)
+    x = torch.randn(triton_gemv.MAX_ROWS, cols, generator=gen).to(torch.bfloat16)
+    if fmt == "int8":
+        weights = quantize_int8(w)
+        dense, kernel = dequantize_int8(*weights), triton_gemv.int8_rows
+    else:
+        weights = quantize_int4(w)
+        dense, kernel = dequantize_int4(*weights), triton_gemv.int4_rows
+    weights = [t.cuda() for t in weights]
+    alone = torch.cat([kernel(x[i:i + 1].cuda(), *weights) for i in range(len(x))])
+    for m in (2, 3, 8, 16, 17, 32):
+        expected = x[:m].float() @ dense.t()
+        got = kernel(x[:m].cuda(), *weights)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, rows)
+        torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+        assert torch.equal(got, alone[:m]), m
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
