@@ -37,7 +37,7 @@ def bucket(rows: int, slots: int) -> int:
 
 
 class GraphStep:
-    """Model.step_static for the rows of `pool` (the first rows of an engine's pool), compiled (unless
+    """Griffin.decode_rows for the rows of `pool` (the first rows of an engine's pool), compiled (unless
     `compile` is False) and captured."""
 
     def __init__(self, model: Griffin, pool: State, compile: bool):
@@ -45,7 +45,7 @@ class GraphStep:
         self.compiled = compile
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.ones(rows, dtype=torch.long, device=device)
-        step = torch.compile(model.step_static, dynamic=False) if compile else model.step_static
+        step = torch.compile(model.decode_rows, dynamic=False) if compile else model.decode_rows
         saved = pool.clone()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -111,7 +111,7 @@ class CapturedStep:
             if compile:
                 _notice(f"compiling the CUDA decode step for {rows} conversation{'s' if rows > 1 else ''} "
                         "(a minute or more on a first start, less once cached; RGCHAT_COMPILE=0 skips it)")
-            graph = _capture(model, pool.head(rows), compile)
+            graph = _capture(model, pool.rows(0, rows), compile)
             if graph is False:
                 self.failed = True
                 return None

@@ -4,10 +4,11 @@ The model owns weights only. All per-conversation memory lives in a `State` that
 updates in place, so `prefill` can continue any conversation, and `decode` gives the next token of several
 conversations at once (one row each, every conversation at its own position).
 
-Activations are [n, T, width]: n conversations of T new tokens each. Prefill has n = 1, a decode step
-T = 1; only the conv, the RG-LRU and attention look across tokens, and attention runs per conversation.
-`step_static` is the decode step that a CUDA graph captures: the same network over rows of the engine's
-slot pool, with shapes that never change.
+Activations are [n, T, width]: n conversations of T new tokens each. A prefill chunk has n = 1 (a `Chunk`
+of one State), a decode step T = 1 over the n rows of a State pool (`State.pool`): eagerly a `Chunk` per
+row, or, in the form a CUDA graph captures (`decode_rows`), a `RowsStep` whose shapes do not depend on the
+positions. Only the conv, the RG-LRU and attention look across tokens, and attention runs per row: a row's
+arithmetic never depends on the other rows.
 Parameter names match Hugging Face transformers' (without the `model.` prefix).
 """
 
@@ -58,26 +59,26 @@ class Chunk:
     """What every layer needs to know about the tokens being processed, computed once per forward."""
 
     start: int  # position of the first token
-    cos: torch.Tensor  # [T, head_dim/4] RoPE tables
+    cos: torch.Tensor  # [T, head_dim/4] RoPE tables, in the activation dtype
     sin: torch.Tensor
     mask: torch.Tensor  # [T, keys] bool: which keys each query may see
 
 
 @dataclasses.dataclass
-class StaticStep:
-    """One token for each of n conversations (the first n rows of a slot pool, `State.pool`) at positions
-    held on the device, in a form whose shapes never change, so that the step can be captured once as a
-    CUDA graph: attention reads each whole ring buffer, its unfilled slots masked."""
+class RowsStep:
+    """One token for each of n conversations, the rows of a State pool, at positions held on the device:
+    attention reads each row's whole ring buffer, its unfilled slots masked, so no shape depends on the
+    positions."""
 
-    cos: torch.Tensor  # [n, head_dim/4] RoPE tables
+    cos: torch.Tensor  # [n, head_dim/4] RoPE tables, in the activation dtype
     sin: torch.Tensor
     mask: torch.Tensor  # [n, window + 1] bool: the ring slots each query may see, then its own key
     slot: torch.Tensor  # [n] the ring slot each new key goes to
     rows: torch.Tensor  # [n] 0..n-1, to index the rows of the pool
 
 
-# What the layers are told about the tokens: one Chunk per conversation, or a StaticStep for all of them.
-Steps = list[Chunk] | StaticStep
+# What the layers are told of the tokens: one conversation's chunk, a decode step's Chunk per row, or a RowsStep.
+Step = Chunk | list[Chunk] | RowsStep
 
 
 class MLP(nn.Module):
@@ -166,50 +167,32 @@ class RecurrentBlock(nn.Module):
         self.rg_lru = RGLRU(cfg, dtype, device)
         self.linear_yx = None  # linear_y and linear_x as one matrix, once fuse_projections_ ran
 
-    def forward(self, x: torch.Tensor, states: list[RecurrentLayerState] | RecurrentLayerState,
-                chunks: Steps) -> torch.Tensor:
-        """x [n, T, width] for the n conversations of `states`: a list of them, or in a static step the pool
-        rows as one layer state [n, ...]."""
+    def forward(self, x: torch.Tensor, state: RecurrentLayerState, step: Step) -> torch.Tensor:
+        """x [1, T, width] of one conversation's chunk, or [n, 1, width] of the n rows of a pool."""
         if self.linear_yx is not None:
             y, u = self.linear_yx(x).chunk(2, dim=-1)
         else:
             y, u = self.linear_y(x), self.linear_x(x)
         y = gelu(y)
-        static = isinstance(chunks, StaticStep)
-        if static:  # the pool's rows themselves, updated in place
-            conv_state, h = states.conv, states.h
-        else:
-            conv_state, h = gathered([s.conv for s in states]), gathered([s.h for s in states])
+        chunk = step if isinstance(step, Chunk) else None
+        # [n, ...] views of the state, updated in place
+        conv_state, h = (state.conv[None], state.h[None]) if chunk is not None else (state.conv, state.h)
         # Causal depthwise conv over [previous inputs, this chunk]: out_t = b + sum_k w[k] * u_{t-(width-1)+k}.
         window = torch.cat([conv_state, u], dim=1)  # [n, width - 1 + T, L]
         w = self.conv_1d.weight[:, 0, :]
         T, width = u.shape[1], w.shape[1]
         conv = self.conv_1d.bias + sum(window[:, k:k + T] * w[:, k] for k in range(width))
         conv_state.copy_(window[:, T:])
-        u = self.rg_lru(conv, h, at_start=not static and len(chunks) == 1 and chunks[0].start == 0)
-        if not static:
-            scatter([s.conv for s in states], conv_state)
-            scatter([s.h for s in states], h)
+        u = self.rg_lru(conv, h, at_start=chunk is not None and chunk.start == 0)
         return self.linear_out(u * y)
 
 
-def gathered(rows: list[torch.Tensor]) -> torch.Tensor:
-    """The conversations' tensors as one [n, ...] tensor: a view of the only one, or a stacked copy (whose
-    updates `scatter` writes back)."""
-    return rows[0][None] if len(rows) == 1 else torch.stack(rows)
-
-
-def scatter(rows: list[torch.Tensor], batched: torch.Tensor) -> None:
-    if len(rows) > 1:
-        for row, value in zip(rows, batched, strict=True):
-            row.copy_(value)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first half of each head (rotate-half convention); x [T, heads, head_dim]."""
+    """Rotate the first half of each head (rotate-half convention); x [T, heads, head_dim], the tables
+    cos and sin [T, head_dim/4] in x's dtype."""
     quarter = cos.shape[-1]
     x1, x2, rest = x[..., :quarter], x[..., quarter:2 * quarter], x[..., 2 * quarter:]
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
@@ -263,20 +246,22 @@ class AttentionBlock(nn.Module):
         self.o_proj = Linear(cfg.width, cfg.width, True, dtype, device)
         self.qkv_proj = None  # q_proj, k_proj and v_proj as one matrix, once fuse_projections_ ran
 
-    def forward(self, x: torch.Tensor, states: list[AttentionLayerState] | AttentionLayerState,
-                chunks: Steps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: AttentionLayerState, step: Step) -> torch.Tensor:
         if self.qkv_proj is not None:
             kv_width = self.kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if isinstance(chunks, StaticStep):
-            return self.o_proj(self._attend_static(q[:, 0], k[:, 0], v[:, 0], states, chunks)[:, None])
-        out = [self._attend(*parts) for parts in zip(q, k, v, states, chunks, strict=True)]
-        return self.o_proj(torch.stack(out))
+        if isinstance(step, Chunk):
+            return self.o_proj(self._attend(q[0], k[0], v[0], state, step)[None])
+        if isinstance(step, RowsStep):
+            return self.o_proj(self._attend_rows(q[:, 0], k[:, 0], v[:, 0], state, step)[:, None])
+        rows = [self._attend(q[i], k[i], v[i], AttentionLayerState(state.k[i], state.v[i]), chunk)
+                for i, chunk in enumerate(step)]  # over each row's filled ring slots only
+        return self.o_proj(torch.stack(rows))
 
-    def _attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: AttentionLayerState,
-                       step: StaticStep) -> torch.Tensor:
+    def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: AttentionLayerState,
+                     step: RowsStep) -> torch.Tensor:
         """One token of each pool row ([n, width] projections) against its whole ring buffer."""
         n = q.shape[0]
         q = apply_rope(q.view(n, self.heads, self.head_dim), step.cos, step.sin)
@@ -317,8 +302,8 @@ class ResidualBlock(nn.Module):
         self.channel_pre_norm = RMSNorm(cfg.width, cfg.rms_eps, dtype, device)
         self.mlp_block = MLP(cfg, dtype, device)
 
-    def forward(self, x: torch.Tensor, states: list[LayerState] | LayerState, chunks: Steps) -> torch.Tensor:
-        r = x + self.temporal_block(self.temporal_pre_norm(x), states, chunks)
+    def forward(self, x: torch.Tensor, state: LayerState, step: Step) -> torch.Tensor:
+        r = x + self.temporal_block(self.temporal_pre_norm(x), state, step)
         return r + self.mlp_block(self.channel_pre_norm(r))
 
 
@@ -356,15 +341,16 @@ class Griffin(nn.Module):
         slot_pos = start - 1 - (start - 1 - torch.arange(cached, device=device)) % window
         k_pos = torch.cat([slot_pos, q_pos])
         mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= q_pos[:, None] - window)
-        return Chunk(start, angles.cos(), angles.sin(), mask)
+        return Chunk(start, angles.cos().to(self.dtype), angles.sin().to(self.dtype), mask)
 
-    def _static_step(self, positions: torch.Tensor) -> StaticStep:
+    def _rows_step(self, positions: torch.Tensor) -> RowsStep:
         """One token for each of n conversations at device positions [n]."""
         window, n, device = self.config.window, positions.shape[0], positions.device
         angles = positions.float()[:, None] * self._inv_freq()
         filled = torch.arange(window, device=device) < positions[:, None]  # ring slots written so far
         mask = torch.cat([filled, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
-        return StaticStep(angles.cos(), angles.sin(), mask, positions % window, torch.arange(n, device=device))
+        return RowsStep(angles.cos().to(self.dtype), angles.sin().to(self.dtype), mask, positions % window,
+                        torch.arange(n, device=device))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = False) -> torch.Tensor:
@@ -372,49 +358,59 @@ class Griffin(nn.Module):
 
         Returns float32 logits for the last token [vocab], or for every token [T, vocab] if all_logits.
         """
-        x = self._layers(tokens.to(self.device)[None], [state], [self._chunk(state.pos, tokens.shape[0])])[0]
+        x = self._layers(tokens.to(self.device)[None], state, self._chunk(state.pos, tokens.shape[0]))[0]
         state.pos += tokens.shape[0]
         return self._logits(x if all_logits else x[-1])
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, states: list[State]) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, states: list[State], rows: State | None = None) -> torch.Tensor:
         """One decode step for several conversations: tokens [n], the next token of each of `states` (updated
         in place, each at its own position). Returns float32 logits [n, vocab].
 
-        On the CPU a row's logits do not depend on the other rows (up to 16 rows in float32, 64 in int8: see
-        `quant.row_by_row` and `quant.int8_matmul`), so a conversation decodes to the same tokens alone or
-        beside others; on CUDA the engine replays a captured `step_static` instead (rgchat/engine.py)."""
+        It runs on `rows` where the states are consecutive rows of a pool (an engine's), else on the states
+        stacked into a pool of their own (copied there and back). On the CPU a row's logits do not depend on the other rows (up to 16 rows in float32,
+        64 in int8: see `quant.row_by_row` and `quant.int8_matmul`), so a conversation decodes to the same
+        tokens alone or beside others."""
         if len(states) != tokens.shape[0] or not states:
             raise ValueError("decode takes one token per state")
-        if len(states) > 1 and any(s.pos == 0 for s in states):
+        if len(states) == 1 and states[0].pos == 0:  # the first token starts the document: a chunk's work
+            return self.forward(tokens, states[0])[None]
+        if any(s.pos == 0 for s in states):
             raise ValueError("decode continues conversations: prefill their first tokens")
-        chunks = [self._chunk(s.pos, 1) for s in states]
-        x = self._layers(tokens.to(self.device)[:, None], states, chunks)
-        for s in states:
-            s.pos += 1
-        return self._logits(x[:, -1])
+        stacked = rows is None and len(states) > 1
+        rows = State.stack(states) if rows is None else rows
+        x = self._layers(tokens.to(self.device)[:, None], rows, [self._chunk(s.pos, 1) for s in states])
+        logits = self._logits(x[:, -1])
+        for i, state in enumerate(states):
+            if stacked:
+                for dst, src in zip(state.tensors(), rows.row(i).tensors(), strict=True):
+                    dst.copy_(src)
+            state.pos += 1
+        return logits
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot trace in-place updates of the state under it
-    def step_static(self, tokens: torch.Tensor, positions: torch.Tensor, pool: State) -> torch.Tensor:
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, pool: State) -> torch.Tensor:
         """One decode step for the n conversations whose states are the rows of `pool` (tensors [n, ...],
-        the first rows of `State.pool`'s buffers), with their tokens and positions [n] as device tensors and
-        shapes that never change: what a CUDA graph captures (after torch.compile). Returns float32 logits
+        updated in place), with their tokens and positions [n] as device tensors, and shapes that do not
+        depend on the positions: what a CUDA graph captures (after torch.compile). Returns float32 logits
         [n, vocab]; the caller advances the positions."""
-        return self._logits(self._layers(tokens[:, None], pool, self._static_step(positions))[:, -1])
+        return self._logits(self._layers(tokens[:, None], pool, self._rows_step(positions))[:, -1])
 
-    def _layers(self, tokens: torch.Tensor, states: list[State] | State, chunks: Steps) -> torch.Tensor:
-        """tokens [n, T] of n conversations (`states`, or the rows of one pool State) -> the final hidden
-        states [n, T, width]."""
+    def _layers(self, tokens: torch.Tensor, state: State, step: Step) -> torch.Tensor:
+        """tokens [n, T] -> the final hidden states [n, T, width]: one conversation's chunk (n = 1, `state`
+        its State), or one token for each row of a pool (`state`)."""
         x = self.embed_tokens.lookup(tokens)
         x = x * self.embed_scale  # exact: the scale is a bfloat16 value
-        for i, layer in enumerate(self.layers):
-            x = layer(x, states.layers[i] if isinstance(states, State) else [s.layers[i] for s in states], chunks)
+        for layer, layer_state in zip(self.layers, state.layers, strict=True):
+            x = layer(x, layer_state, step)
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.embed_tokens.logits(self.final_norm(x)).float()  # a new tensor: safe to update in place
+        # cap * tanh(logits / cap), as cap * (2 sigmoid(2 logits / cap) - 1): torch's CPU tanh is several times
+        # slower than its sigmoid. In place: no more vocabulary-sized tensors a step.
         cap = self.config.logit_cap
-        return logits.div_(cap).tanh_().mul_(cap)  # no two more vocabulary-sized tensors a step
+        return logits.mul_(2 / cap).sigmoid_().mul_(2 * cap).sub_(cap)
 
     @property
     def prefill_chunk(self) -> int:

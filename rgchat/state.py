@@ -61,18 +61,27 @@ class State:
     def pool(cls, config: GriffinConfig, dtype: torch.dtype, device: torch.device | str, count: int) -> State:
         """A pool of `count` empty conversations: a State whose tensors are [count, ...] buffers, one
         conversation per row, laid out side by side for batched kernels. `row(i)` is each a State of its own;
-        `head(n)` the first n rows together, for the batched step (`Griffin.step_static`). A pool's own
-        `pos` means nothing: each row's State keeps its own."""
+        `rows(start, stop)` consecutive rows together, for the batched step (`Griffin.decode_rows`). A
+        pool's own `pos` means nothing: each row's State keeps its own."""
         return cls([_map(layer, lambda t: torch.zeros((count, *t.shape), dtype=t.dtype, device=device))
                     for layer in cls.empty(config, dtype, "meta").layers])
+
+    @classmethod
+    def stack(cls, states: list[State]) -> State:
+        """Conversations as a pool: a view of the only one, or a copy of several (`row(i)` to copy back)."""
+        if len(states) == 1:
+            return cls([_map(layer, lambda t: t[None]) for layer in states[0].layers])
+        columns = zip(*(s.tensors() for s in states), strict=True)
+        stacked = iter(torch.stack(column) for column in columns)
+        return cls([_map(layer, lambda t: next(stacked)) for layer in states[0].layers])
 
     def row(self, i: int) -> State:
         """Row i of a pool: a State viewing the pool's buffers (so updates of either reach both)."""
         return State([_map(layer, lambda t: t[i]) for layer in self.layers])
 
-    def head(self, n: int) -> State:
-        """The first n rows of a pool, as a pool."""
-        return State([_map(layer, lambda t: t[:n]) for layer in self.layers])
+    def rows(self, start: int, stop: int) -> State:
+        """Rows start..stop-1 of a pool, as a pool viewing its buffers."""
+        return State([_map(layer, lambda t: t[start:stop]) for layer in self.layers])
 
     @staticmethod
     def size_for(config: GriffinConfig, dtype: torch.dtype) -> int:

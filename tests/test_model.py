@@ -66,7 +66,7 @@ def test_static_step_equals_the_step_for_rows_at_their_own_positions(traced):
     compiler)."""
     config = GriffinConfig(**{**CYCLES.to_dict(), "window": 8})
     model = fuse_projections_(tiny_model(config, seed=5)) if traced else tiny_model(config, seed=5)
-    static_step = torch.compile(model.step_static, dynamic=False, backend="aot_eager") if traced else model.step_static
+    static_step = torch.compile(model.decode_rows, dynamic=False, backend="aot_eager") if traced else model.decode_rows
     tokens = [random_tokens(30, config.vocab_size, seed=9 + i) for i in range(3)]
     prompts = [3, 1, 11]  # ragged: the third row starts beyond the window
     pool = State.pool(config, model.dtype, "cpu", 3)
