@@ -12,7 +12,7 @@
  *   bf16  W and x bfloat16, products summed in float32, out rounded to bfloat16.
  *
  * Decode is bound by reading W, so each path reads every weight once for all activation rows, one output
- * row after the other (one sequential stream a thread), with an accumulator per activation row; from five
+ * row after the other (one sequential stream a thread), with an accumulator per activation row; from four
  * activation rows on, the AVX-512 int8 and bf16 paths take output rows in pairs (see int8_block_avx512).
  * A row's result never depends on how many rows come with it. Paths: portable C, AVX2 (+FMA), and AVX-512
  * (VNNI for the integer formats, BF16 for bfloat16), chosen at run time from the CPU's flags, or forced by
@@ -144,7 +144,10 @@ static void bf16_part_portable(const job_t *j, int64_t n0, int64_t n1) {
 #define PART_LOOP(ROWS_FN, B_)                                                                               \
     for (int64_t n = n0; n < n1; n++) ROWS_FN(j, n, B_)
 
-/* From five activation rows on, output rows in pairs through PAIR_FN (both in one head of a block-diagonal
+#ifndef PAIR_FROM /* a build flag only to time other thresholds against this one */
+#define PAIR_FROM 4
+#endif
+/* From PAIR_FROM activation rows on, output rows in pairs through PAIR_FN (both in one head of a block-diagonal
  * bf16 matrix), the others one at a time through ROWS_FN; kernels without a pair function pass no_pair. */
 static inline void no_pair(const job_t *j, int64_t n, int B) { (void)j, (void)n, (void)B; }
 
@@ -168,7 +171,7 @@ static inline int pair_in_one_head(const job_t *j, int64_t n) {
 
 #define ROWS_LOOP(ROWS_FN, PAIR_FN, B_)                                                                      \
     do {                                                                                                     \
-        if ((B_) >= 5 && PAIR_FN != no_pair) PAIR_LOOP(ROWS_FN, PAIR_FN, B_);                                \
+        if ((B_) >= PAIR_FROM && PAIR_FN != no_pair) PAIR_LOOP(ROWS_FN, PAIR_FN, B_);                        \
         else PART_LOOP(ROWS_FN, B_);                                                                         \
     } while (0)
 

@@ -5,10 +5,10 @@ updates in place, so `prefill` can continue any conversation, and `decode` gives
 conversations at once (one row each, every conversation at its own position).
 
 Activations are [n, T, width]: n conversations of T new tokens each. A prefill chunk has n = 1 (a `Chunk`
-of one State), a decode step T = 1 over the n rows of a State pool (`State.pool`): eagerly a `Chunk` per
-row, or, in the form a CUDA graph captures (`decode_rows`), a `RowsStep` whose shapes do not depend on the
-positions. Only the conv, the RG-LRU and attention look across tokens, and attention runs per row: a row's
-arithmetic never depends on the other rows.
+of one State), a decode step T = 1 over the n rows of a State pool (`State.pool`, a `RowsStep`). Only the
+conv, the RG-LRU and attention look across tokens, and attention runs per row: a row's arithmetic never
+depends on the other rows. In the form a CUDA graph captures (`decode_rows`) no shape depends on the
+positions either.
 Parameter names match Hugging Face transformers' (without the `model.` prefix).
 """
 
@@ -66,19 +66,20 @@ class Chunk:
 
 @dataclasses.dataclass
 class RowsStep:
-    """One token for each of n conversations, the rows of a State pool, at positions held on the device:
-    attention reads each row's whole ring buffer, its unfilled slots masked, so no shape depends on the
-    positions."""
+    """One token for each of n conversations, the rows of a State pool, at their positions."""
 
     cos: torch.Tensor  # [n, head_dim/4] RoPE tables, in the activation dtype
     sin: torch.Tensor
     mask: torch.Tensor  # [n, window + 1] bool: the ring slots each query may see, then its own key
     slot: torch.Tensor  # [n] the ring slot each new key goes to
     rows: torch.Tensor  # [n] 0..n-1, to index the rows of the pool
+    # Ring slots filled in each row, where the positions are known on the host (an eager step): attention
+    # then reads just those. None in a step for a CUDA graph, whose positions live on the device: it reads
+    # every whole ring buffer under `mask`, so that no shape depends on the positions.
+    filled: list[int] | None = None
 
 
-# What the layers are told of the tokens: one conversation's chunk, a decode step's Chunk per row, or a RowsStep.
-Step = Chunk | list[Chunk] | RowsStep
+Step = Chunk | RowsStep  # what the layers are told of the tokens
 
 
 class MLP(nn.Module):
@@ -196,9 +197,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of q [T, heads, hd] over keys and values [S, kv_heads, hd] where mask [T, S] allows; query
-    heads share key/value heads in consecutive groups. Returns [T, heads, hd].
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q [T, heads, hd] over keys and values [S, kv_heads, hd] where mask [T, S] allows (all of
+    them where it is None); query heads share key/value heads in consecutive groups. Returns [T, heads, hd].
 
     A chunk on CUDA goes through scaled_dot_product_attention (fused kernels). One token, and everything on
     other devices, is two einsums: they read the shared key/value heads once, where SDPA's grouped path
@@ -212,7 +213,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
         return out.transpose(0, 1)
     qg = q.view(T, kv_heads, heads // kv_heads, head_dim).permute(1, 2, 0, 3)  # [kv, group, T, hd]
     scores = torch.einsum("kgtd,skd->kgts", qg, keys) * head_dim ** -0.5
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return torch.einsum("kgts,skd->tkgd", probs, values).reshape(T, heads, head_dim)
 
@@ -254,20 +256,21 @@ class AttentionBlock(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if isinstance(step, Chunk):
             return self.o_proj(self._attend(q[0], k[0], v[0], state, step)[None])
-        if isinstance(step, RowsStep):
-            return self.o_proj(self._attend_rows(q[:, 0], k[:, 0], v[:, 0], state, step)[:, None])
-        rows = [self._attend(q[i], k[i], v[i], AttentionLayerState(state.k[i], state.v[i]), chunk)
-                for i, chunk in enumerate(step)]  # over each row's filled ring slots only
-        return self.o_proj(torch.stack(rows))
+        return self.o_proj(self._attend_rows(q[:, 0], k[:, 0], v[:, 0], state, step)[:, None])
 
     def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: AttentionLayerState,
                      step: RowsStep) -> torch.Tensor:
-        """One token of each pool row ([n, width] projections) against its whole ring buffer."""
+        """One token of each pool row ([n, width] projections) against its ring buffer."""
         n = q.shape[0]
         q = apply_rope(q.view(n, self.heads, self.head_dim), step.cos, step.sin)
         k = apply_rope(k.view(n, self.kv_heads, self.head_dim), step.cos, step.sin)
         v = v.view(n, self.kv_heads, self.head_dim)
-        out = attend_ring(q, k, v, pool.k, pool.v, step.mask).reshape(n, -1)
+        if step.filled is None:
+            out = attend_ring(q, k, v, pool.k, pool.v, step.mask).reshape(n, -1)
+        else:  # each row over its filled ring slots and its new key, all within the window: none masked
+            out = torch.cat([attend(q[i:i + 1], torch.cat([pool.k[i, :f], k[i:i + 1]]),
+                                    torch.cat([pool.v[i, :f], v[i:i + 1]])) for i, f in enumerate(step.filled)])
+            out = out.reshape(n, -1)
         pool.k.index_put_((step.rows, step.slot), k)  # then remember the new key and value
         pool.v.index_put_((step.rows, step.slot), v)
         return out
@@ -343,14 +346,15 @@ class Griffin(nn.Module):
         mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= q_pos[:, None] - window)
         return Chunk(start, angles.cos().to(self.dtype), angles.sin().to(self.dtype), mask)
 
-    def _rows_step(self, positions: torch.Tensor) -> RowsStep:
-        """One token for each of n conversations at device positions [n]."""
+    def _rows_step(self, positions: torch.Tensor, on_host: list[int] | None = None) -> RowsStep:
+        """One token for each of n conversations at device positions [n] (also `on_host` in an eager step)."""
         window, n, device = self.config.window, positions.shape[0], positions.device
         angles = positions.float()[:, None] * self._inv_freq()
         filled = torch.arange(window, device=device) < positions[:, None]  # ring slots written so far
         mask = torch.cat([filled, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
+        filled = None if on_host is None else [min(p, window) for p in on_host]
         return RowsStep(angles.cos().to(self.dtype), angles.sin().to(self.dtype), mask, positions % window,
-                        torch.arange(n, device=device))
+                        torch.arange(n, device=device), filled)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = False) -> torch.Tensor:
@@ -379,7 +383,9 @@ class Griffin(nn.Module):
             raise ValueError("decode continues conversations: prefill their first tokens")
         stacked = rows is None and len(states) > 1
         rows = State.stack(states) if rows is None else rows
-        x = self._layers(tokens.to(self.device)[:, None], rows, [self._chunk(s.pos, 1) for s in states])
+        on_host = [s.pos for s in states]
+        step = self._rows_step(torch.tensor(on_host, device=self.device), on_host)
+        x = self._layers(tokens.to(self.device)[:, None], rows, step)
         logits = self._logits(x[:, -1])
         for i, state in enumerate(states):
             if stacked:
