@@ -254,17 +254,19 @@ class AttentionBlock(nn.Module):
             q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        tokens = x.shape[0] * x.shape[1]  # a chunk's T tokens, or a step's n rows: one RoPE table row each
+        q = apply_rope(q.reshape(tokens, self.heads, self.head_dim), step.cos, step.sin)
+        k = apply_rope(k.reshape(tokens, self.kv_heads, self.head_dim), step.cos, step.sin)
+        v = v.reshape(tokens, self.kv_heads, self.head_dim)
         if isinstance(step, Chunk):
-            return self.o_proj(self._attend(q[0], k[0], v[0], state, step)[None])
-        return self.o_proj(self._attend_rows(q[:, 0], k[:, 0], v[:, 0], state, step)[:, None])
+            return self.o_proj(self._attend(q, k, v, state, step)[None])
+        return self.o_proj(self._attend_rows(q, k, v, state, step)[:, None])
 
     def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: AttentionLayerState,
                      step: RowsStep) -> torch.Tensor:
-        """One token of each pool row ([n, width] projections) against its ring buffer."""
+        """One token of each pool row (rotated q [n, heads, hd], k and v [n, kv_heads, hd]) against its ring
+        buffer; returns [n, width]."""
         n = q.shape[0]
-        q = apply_rope(q.view(n, self.heads, self.head_dim), step.cos, step.sin)
-        k = apply_rope(k.view(n, self.kv_heads, self.head_dim), step.cos, step.sin)
-        v = v.view(n, self.kv_heads, self.head_dim)
         if step.filled is None:
             out = attend_ring(q, k, v, pool.k, pool.v, step.mask).reshape(n, -1)
         else:  # each row over its filled ring slots and its new key, all within the window: none masked
@@ -277,12 +279,9 @@ class AttentionBlock(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: AttentionLayerState,
                 chunk: Chunk) -> torch.Tensor:
-        """One conversation's T new tokens ([T, width] projections) against its ring buffer."""
+        """One conversation's T new tokens (rotated q [T, heads, hd], k and v [T, kv_heads, hd]) against its
+        ring buffer; returns [T, width]."""
         T = q.shape[0]
-        q = apply_rope(q.view(T, self.heads, self.head_dim), chunk.cos, chunk.sin)
-        k = apply_rope(k.view(T, self.kv_heads, self.head_dim), chunk.cos, chunk.sin)
-        v = v.view(T, self.kv_heads, self.head_dim)
-
         window = state.k.shape[0]
         cached = min(chunk.start, window)  # filled ring slots (all of them once the window is full)
         keys, values = torch.cat([state.k[:cached], k]), torch.cat([state.v[:cached], v])  # [S, kv, hd]
