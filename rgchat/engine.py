@@ -80,7 +80,7 @@ class Engine:
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """One step for several slots: feed each its token, return the next logits [n, vocab]. On CUDA a
         captured graph of the pool's first rows runs (rgchat/cuda_graph.py); elsewhere one batched step of
-        just these slots, on the pool's rows themselves where the slots are consecutive."""
+        just these slots, on the pool's rows."""
         if len(set(slots)) != len(slots):
             raise ValueError("decode takes each slot once")
         states = [self.state(slot) for slot in slots]
@@ -88,14 +88,11 @@ class Engine:
             graph = self.captured.runner(self.model, self.pool, bucket(max(slots) + 1, self.slots))
             if graph is not None:
                 return self._replay(graph, slots, tokens)
-        rows = None
-        if slots == list(range(slots[0], slots[0] + len(slots))):
-            rows = self.pool.rows(slots[0], slots[0] + len(slots))
         tokens = torch.tensor(tokens, dtype=torch.long)
         if self.model.device.type != "cpu":
-            return self.model.decode(tokens, states, rows)
+            return self.model.decode(tokens, states, self.pool, slots)
         with gemv.owning_the_cores():
-            return self.model.decode(tokens, states, rows)
+            return self.model.decode(tokens, states, self.pool, slots)
 
     def _replay(self, graph: GraphStep, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """Decode `slots` through a graph of the pool's first rows. The graph steps every row it covers, so

@@ -72,10 +72,13 @@ class RowsStep:
     sin: torch.Tensor
     mask: torch.Tensor  # [n, window + 1] bool: the ring slots each query may see, then its own key
     slot: torch.Tensor  # [n] the ring slot each new key goes to
-    rows: torch.Tensor  # [n] 0..n-1, to index the rows of the pool
-    # Ring slots filled in each row, where the positions are known on the host (an eager step): attention
-    # then reads just those. None in a step for a CUDA graph, whose positions live on the device: it reads
-    # every whole ring buffer under `mask`, so that no shape depends on the positions.
+    rows: torch.Tensor  # [n] the pool row of each conversation
+    # Whether `rows` picks some rows of the pool (gathered and scattered back) rather than all of them.
+    gather: bool = False
+    # Where the positions are known on the host (an eager step): the pool rows again, and the ring slots
+    # filled in each, which attention then reads alone. None in a step for a CUDA graph, whose positions live
+    # on the device: it reads every whole ring buffer under `mask`, so that no shape depends on them.
+    host_rows: list[int] | None = None
     filled: list[int] | None = None
 
 
@@ -176,8 +179,12 @@ class RecurrentBlock(nn.Module):
             y, u = self.linear_y(x), self.linear_x(x)
         y = gelu(y)
         chunk = step if isinstance(step, Chunk) else None
-        # [n, ...] views of the state, updated in place
-        conv_state, h = (state.conv[None], state.h[None]) if chunk is not None else (state.conv, state.h)
+        if chunk is not None:  # [1, ...] views of the conversation's state, updated in place
+            conv_state, h = state.conv[None], state.h[None]
+        elif step.gather:  # copies of the rows decoded, written back below
+            conv_state, h = state.conv.index_select(0, step.rows), state.h.index_select(0, step.rows)
+        else:  # the pool's rows themselves
+            conv_state, h = state.conv, state.h
         # Causal depthwise conv over [previous inputs, this chunk]: out_t = b + sum_k w[k] * u_{t-(width-1)+k}.
         window = torch.cat([conv_state, u], dim=1)  # [n, width - 1 + T, L]
         w = self.conv_1d.weight[:, 0, :]
@@ -185,6 +192,9 @@ class RecurrentBlock(nn.Module):
         conv = self.conv_1d.bias + sum(window[:, k:k + T] * w[:, k] for k in range(width))
         conv_state.copy_(window[:, T:])
         u = self.rg_lru(conv, h, at_start=chunk is not None and chunk.start == 0)
+        if chunk is None and step.gather:
+            state.conv.index_copy_(0, step.rows, conv_state)
+            state.h.index_copy_(0, step.rows, h)
         return self.linear_out(u * y)
 
 
@@ -270,8 +280,9 @@ class AttentionBlock(nn.Module):
         if step.filled is None:
             out = attend_ring(q, k, v, pool.k, pool.v, step.mask).reshape(n, -1)
         else:  # each row over its filled ring slots and its new key, all within the window: none masked
-            out = torch.cat([attend(q[i:i + 1], torch.cat([pool.k[i, :f], k[i:i + 1]]),
-                                    torch.cat([pool.v[i, :f], v[i:i + 1]])) for i, f in enumerate(step.filled)])
+            out = torch.cat([attend(q[i:i + 1], torch.cat([pool.k[r, :f], k[i:i + 1]]),
+                                    torch.cat([pool.v[r, :f], v[i:i + 1]]))
+                             for i, (r, f) in enumerate(zip(step.host_rows, step.filled, strict=True))])
             out = out.reshape(n, -1)
         pool.k.index_put_((step.rows, step.slot), k)  # then remember the new key and value
         pool.v.index_put_((step.rows, step.slot), v)
@@ -345,15 +356,19 @@ class Griffin(nn.Module):
         mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= q_pos[:, None] - window)
         return Chunk(start, angles.cos().to(self.dtype), angles.sin().to(self.dtype), mask)
 
-    def _rows_step(self, positions: torch.Tensor, on_host: list[int] | None = None) -> RowsStep:
-        """One token for each of n conversations at device positions [n] (also `on_host` in an eager step)."""
+    def _rows_step(self, positions: torch.Tensor, on_host: list[int] | None = None,
+                   rows: list[int] | None = None) -> RowsStep:
+        """One token for each of n conversations at device positions [n] (also `on_host` in an eager step),
+        in the pool rows `rows` (some of the pool's, host-side) or in all of them (None)."""
         window, n, device = self.config.window, positions.shape[0], positions.device
         angles = positions.float()[:, None] * self._inv_freq()
         filled = torch.arange(window, device=device) < positions[:, None]  # ring slots written so far
         mask = torch.cat([filled, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
         filled = None if on_host is None else [min(p, window) for p in on_host]
+        pool_rows = torch.arange(n, device=device) if rows is None else torch.tensor(rows, device=device)
+        host_rows = (list(range(n)) if rows is None else rows) if on_host is not None else None
         return RowsStep(angles.cos().to(self.dtype), angles.sin().to(self.dtype), mask, positions % window,
-                        torch.arange(n, device=device), filled)
+                        pool_rows, rows is not None, host_rows, filled)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = False) -> torch.Tensor:
@@ -366,29 +381,33 @@ class Griffin(nn.Module):
         return self._logits(x if all_logits else x[-1])
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, states: list[State], rows: State | None = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, states: list[State], pool: State | None = None,
+               rows: list[int] | None = None) -> torch.Tensor:
         """One decode step for several conversations: tokens [n], the next token of each of `states` (updated
         in place, each at its own position). Returns float32 logits [n, vocab].
 
-        It runs on `rows` where the states are consecutive rows of a pool (an engine's), else on the states
-        stacked into a pool of their own (copied there and back). On the CPU a row's logits do not depend on the other rows (up to 16 rows in float32,
-        64 in int8: see `quant.row_by_row` and `quant.int8_matmul`), so a conversation decodes to the same
-        tokens alone or beside others."""
+        Where the states are rows `rows` of `pool` (an engine's), the step works on the pool: on consecutive
+        rows in place, on others through their index; else on the states stacked into a pool of their own
+        (copied there and back). On the CPU a row's logits do not depend on the other rows (up to 16 rows in
+        float32, 64 in int8: see `quant.row_by_row` and `quant.int8_matmul`), so a conversation decodes to
+        the same tokens alone or beside others."""
         if len(states) != tokens.shape[0] or not states:
             raise ValueError("decode takes one token per state")
         if len(states) == 1 and states[0].pos == 0:  # the first token starts the document: a chunk's work
             return self.forward(tokens, states[0])[None]
         if any(s.pos == 0 for s in states):
             raise ValueError("decode continues conversations: prefill their first tokens")
-        stacked = rows is None and len(states) > 1
-        rows = State.stack(states) if rows is None else rows
+        stacked = pool is None and len(states) > 1
+        if pool is None:
+            pool, rows = State.stack(states), None
+        elif rows == list(range(rows[0], rows[0] + len(rows))):
+            pool, rows = pool.rows(rows[0], rows[0] + len(rows)), None
         on_host = [s.pos for s in states]
-        step = self._rows_step(torch.tensor(on_host, device=self.device), on_host)
-        x = self._layers(tokens.to(self.device)[:, None], rows, step)
-        logits = self._logits(x[:, -1])
+        step = self._rows_step(torch.tensor(on_host, device=self.device), on_host, rows)
+        logits = self._logits(self._layers(tokens.to(self.device)[:, None], pool, step)[:, -1])
         for i, state in enumerate(states):
             if stacked:
-                for dst, src in zip(state.tensors(), rows.row(i).tensors(), strict=True):
+                for dst, src in zip(state.tensors(), pool.row(i).tensors(), strict=True):
                     dst.copy_(src)
             state.pos += 1
         return logits

@@ -105,6 +105,23 @@ def test_incremental_equals_one_pass(window, chunk):
     assert (logits - full[-1]).abs().max() < tolerance
 
 
+def test_decoding_states_of_no_pool_together_equals_each_alone():
+    """States that are not rows of one pool are stacked for the step and written back: the same logits and
+    states, bit for bit, as each decoded alone."""
+    model = tiny_model(CYCLES, seed=9)
+    together, alone = [model.new_state() for _ in range(3)], [model.new_state() for _ in range(3)]
+    for i, (a, b) in enumerate(zip(together, alone)):
+        prompt = random_tokens(2 + 7 * i, CYCLES.vocab_size, seed=20 + i)
+        model.prefill(prompt, a)
+        model.prefill(prompt, b)
+    for t in random_tokens(5, CYCLES.vocab_size, seed=30):
+        logits = model.decode(torch.full((3,), int(t)), together)
+        for row, state in zip(logits, alone):
+            assert torch.equal(row, model.step(int(t), state))
+    for a, b in zip(together, alone):
+        assert a.pos == b.pos and all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+
+
 def test_state_copy_restores_the_conversation():
     model = tiny_model(CYCLES, seed=9)
     tokens = random_tokens(30, CYCLES.vocab_size, seed=10)
