@@ -22,8 +22,8 @@ NUM_WARPS = 4
 
 
 def block_rows(n: int) -> int:
-    """Rows per program of the matrix-vector kernel: few, so that even a 2560-row matrix spreads over all 132 multiprocessors of an H200,
-    and more as matrices grow; chosen by a sweep of block shapes there (docs/performance.md)."""
+    """Rows per program of the matrix-vector kernel: few, so that even a 2560-row matrix spreads over all
+    132 multiprocessors of an H200, and more as matrices grow; chosen by a sweep of block shapes there."""
     return 2 if n <= 4096 else 4 if n <= 6144 else 8
 
 

@@ -70,14 +70,15 @@ class RowsStep:
 
     cos: torch.Tensor  # [n, head_dim/4] RoPE tables, in the activation dtype
     sin: torch.Tensor
-    mask: torch.Tensor  # [n, window + 1] bool: the ring slots each query may see, then its own key
+    mask: torch.Tensor | None  # [n, window + 1] bool: the ring slots each query may see, then its own key
     slot: torch.Tensor  # [n] the ring slot each new key goes to
     rows: torch.Tensor  # [n] the pool row of each conversation
     # Whether `rows` picks some rows of the pool (gathered and scattered back) rather than all of them.
     gather: bool = False
     # Where the positions are known on the host (an eager step): the pool rows again, and the ring slots
-    # filled in each, which attention then reads alone. None in a step for a CUDA graph, whose positions live
-    # on the device: it reads every whole ring buffer under `mask`, so that no shape depends on them.
+    # filled in each, which attention then reads alone (and `mask` is None). None in a step for a CUDA graph,
+    # whose positions live on the device: it reads every whole ring buffer under `mask`, so that no shape
+    # depends on them.
     host_rows: list[int] | None = None
     filled: list[int] | None = None
 
@@ -207,7 +208,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [T, heads, hd] over keys and values [S, kv_heads, hd] where mask [T, S] allows (all of
     them where it is None); query heads share key/value heads in consecutive groups. Returns [T, heads, hd].
 
@@ -362,11 +364,14 @@ class Griffin(nn.Module):
         in the pool rows `rows` (some of the pool's, host-side) or in all of them (None)."""
         window, n, device = self.config.window, positions.shape[0], positions.device
         angles = positions.float()[:, None] * self._inv_freq()
-        filled = torch.arange(window, device=device) < positions[:, None]  # ring slots written so far
-        mask = torch.cat([filled, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
-        filled = None if on_host is None else [min(p, window) for p in on_host]
+        if on_host is None:  # a graph's step: whole ring buffers under a mask
+            written = torch.arange(window, device=device) < positions[:, None]
+            mask = torch.cat([written, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
+            host_rows = filled = None
+        else:
+            mask, host_rows = None, list(range(n)) if rows is None else rows
+            filled = [min(p, window) for p in on_host]
         pool_rows = torch.arange(n, device=device) if rows is None else torch.tensor(rows, device=device)
-        host_rows = (list(range(n)) if rows is None else rows) if on_host is not None else None
         return RowsStep(angles.cos().to(self.dtype), angles.sin().to(self.dtype), mask, positions % window,
                         pool_rows, rows is not None, host_rows, filled)
 
