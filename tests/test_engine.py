@@ -147,3 +147,51 @@ def test_slots_are_independent_states():
     with pytest.raises(ValueError, match="does not fit"):
         engine.admit(State.empty(CYCLES, torch.float32))  # another model's shape
     assert engine.free == [a]  # and the slot is still free
+
+
+class EagerGraph:
+    """Stands in for a captured CUDA graph (rgchat/cuda_graph.py): the same step, `decode_rows` over the
+    pool's first rows, run eagerly, so that the engine's handling of a graph is tested where CUDA is not."""
+
+    def __init__(self, engine: Engine, rows: int):
+        self.model, self.pool, self.rows = engine.model, engine.pool.rows(0, rows), rows
+
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        return self.model.decode_rows(torch.tensor(tokens), torch.tensor(positions), self.pool)
+
+
+def test_a_graph_of_the_first_rows_decodes_some_slots_and_puts_the_others_back(model):
+    """Slots 2 and 0 decode through a graph of rows 0..3 while slot 1 holds a conversation that is not
+    decoding, and slot 3 is free: slot 1 comes back bit for bit, and 2 and 0 get the tokens they get when
+    slot 1 is free too."""
+
+    def run(with_waiting: bool) -> tuple[list[list[int]], Engine]:
+        engine = Engine(model, slots=4)
+        tokens = {}
+        for i in range(3):
+            slot = engine.admit()
+            tokens[slot] = [prefill(engine, slot, PROMPTS[i])]
+        if not with_waiting:
+            engine.release(1)
+        graph = EagerGraph(engine, 4)
+        firsts = [singles.decode([singles.admit(engine.state(slot).clone())], tokens[slot][-1:])[0]
+                  for slot, singles in ((2, Engine(model)), (0, Engine(model)))]
+        for step in range(STEPS):
+            logits = engine._replay(graph, [2, 0], [tokens[2][-1], tokens[0][-1]])
+            if step == 0:  # each row is its slot's (the graph's attention rounds apart from the eager step's)
+                for got, want in zip(logits, firsts, strict=True):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
+            tokens[2].append(int(torch.argmax(logits[0])))
+            tokens[0].append(int(torch.argmax(logits[1])))
+        return [tokens[0], tokens[2]], engine
+
+    alone, _ = run(with_waiting=False)
+    assert all(len(set(t)) > 3 for t in alone)  # the output varies
+    together, engine = run(with_waiting=True)
+    assert together == alone
+    reference = Engine(model)
+    slot = reference.admit()
+    prefill(reference, slot, PROMPTS[1])
+    assert engine.state(1).pos == reference.state(slot).pos == len(PROMPTS[1])
+    assert all(torch.equal(a, b) for a, b in zip(engine.state(1).tensors(), reference.state(slot).tensors()))
+    assert engine.state(0).pos == len(PROMPTS[0]) + STEPS and engine.state(2).pos == len(PROMPTS[2]) + STEPS
