@@ -81,7 +81,7 @@ class RowsStep:
     # depends on them.
     host_rows: list[int] | None = None
     filled: list[int] | None = None
-    masked: list[torch.Tensor | None] | None = None  # per row: which of its padded keys are padding
+    key_masks: list[torch.Tensor | None] | None = None  # per row: which of its padded keys are real
     padding: torch.Tensor | None = None  # zero keys to pad with [KEY_BLOCK - 1, kv_heads, head_dim]
 
 
@@ -216,11 +216,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None,
-           masked: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of q [T, heads, hd] over keys and values [S, kv_heads, hd] where mask [T, S] allows (or
-    where `masked`, its inverse, does not); query heads share key/value heads in consecutive groups.
-    Returns [T, heads, hd].
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q [T, heads, hd] over keys and values [S, kv_heads, hd] where mask [T, S] allows (all of
+    them where it is None); query heads share key/value heads in consecutive groups. Returns [T, heads, hd].
 
     A chunk on CUDA goes through scaled_dot_product_attention (fused kernels). One token, and everything on
     other devices, is two einsums: they read the shared key/value heads once, where SDPA's grouped path
@@ -235,9 +234,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     qg = q.view(T, kv_heads, heads // kv_heads, head_dim).permute(1, 2, 0, 3)  # [kv, group, T, hd]
     scores = torch.einsum("kgtd,skd->kgts", qg, keys) * head_dim ** -0.5
     if mask is not None:
-        masked = ~mask
-    if masked is not None:
-        scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return torch.einsum("kgts,skd->tkgd", probs, values).reshape(T, heads, head_dim)
 
@@ -294,10 +291,10 @@ class AttentionBlock(nn.Module):
             out = attend_ring(q, k, v, pool.k, pool.v, step.mask).reshape(n, -1)
         else:  # each row over its filled ring slots and its new key (all within the window), then padding
             rows = []
-            for i, (r, f, masked) in enumerate(zip(step.host_rows, step.filled, step.masked, strict=True)):
-                pad = step.padding[:0 if masked is None else masked.shape[-1] - f - 1]
+            for i, (r, f, mask) in enumerate(zip(step.host_rows, step.filled, step.key_masks, strict=True)):
+                pad = step.padding[:0 if mask is None else mask.shape[-1] - f - 1]
                 rows.append(attend(q[i:i + 1], torch.cat([pool.k[r, :f], k[i:i + 1], pad]),
-                                   torch.cat([pool.v[r, :f], v[i:i + 1], pad]), masked=masked))
+                                   torch.cat([pool.v[r, :f], v[i:i + 1], pad]), mask))
             out = torch.cat(rows).reshape(n, -1)
         pool.k.index_put_((step.rows, step.slot), k)  # then remember the new key and value
         pool.v.index_put_((step.rows, step.slot), v)
@@ -380,18 +377,18 @@ class Griffin(nn.Module):
         if on_host is None:  # a graph's step: whole ring buffers under a mask
             written = torch.arange(window, device=device) < positions[:, None]
             mask = torch.cat([written, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
-            host_rows = filled = masked = padding = None
+            host_rows = filled = key_masks = padding = None
         else:
             mask, host_rows = None, list(range(n)) if rows is None else rows
             filled = [min(p, window) for p in on_host]
             keys = torch.arange(-(-window // KEY_BLOCK) * KEY_BLOCK, device=device)
-            masked = [None if f == window else keys[:-(-(f + 1) // KEY_BLOCK) * KEY_BLOCK] > f
-                      for f in filled]  # f + 1 real keys; a full window's number never changes
+            key_masks = [None if f == window else keys[:-(-(f + 1) // KEY_BLOCK) * KEY_BLOCK] <= f
+                         for f in filled]  # f + 1 real keys; a full window's number never changes
             padding = torch.zeros(KEY_BLOCK - 1, self.config.num_kv_heads, self.config.head_dim, dtype=self.dtype,
                                   device=device)
         pool_rows = torch.arange(n, device=device) if rows is None else torch.tensor(rows, device=device)
         return RowsStep(angles.cos().to(self.dtype), angles.sin().to(self.dtype), mask, positions % window,
-                        pool_rows, rows is not None, host_rows, filled, masked, padding)
+                        pool_rows, rows is not None, host_rows, filled, key_masks, padding)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = False) -> torch.Tensor:
