@@ -225,6 +225,9 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     other devices, is two einsums: they read the shared key/value heads once, where SDPA's grouped path
     (under torch.compile) copies them out for every query head; on the CPU torch's SDPA is far slower than
     the einsums for one token over a full window (docs/performance.md)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_has_bf16():
+        # torch's bfloat16 batched products on such a CPU are several times slower than float32 ones
+        return attend(q.float(), keys.float(), values.float(), mask).to(q.dtype)
     T, heads, head_dim = q.shape
     kv_heads = keys.shape[1]
     if q.device.type == "cuda" and T > 1:

@@ -3,7 +3,8 @@ import torch
 
 from conftest import BLOCKS, CYCLES, greedy_tokens, tiny_model, transformers_model
 from rgchat.config import ATTENTION, PRESETS, RECURRENT, GriffinConfig
-from rgchat.model import Griffin, fuse_projections_
+from rgchat import model as model_module
+from rgchat.model import Griffin, attend, fuse_projections_
 from rgchat.state import State
 
 
@@ -167,6 +168,25 @@ def test_bf16_stays_close_to_f32():
     assert all(layer.h.dtype == torch.float32 for layer in model16.new_state().layers if hasattr(layer, "h"))
     agreement = (a.argmax(-1) == b.argmax(-1)).float().mean()
     assert agreement > 0.8
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_bf16_attention_in_float32_on_a_cpu_without_bf16_products(monkeypatch, T):
+    """Without native bfloat16 products attention runs in float32 and rounds its output to bfloat16: the
+    native bfloat16 path's result within bfloat16 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(T, 4, 32, generator=gen).to(torch.bfloat16)
+    keys, values = (torch.randn(9, 2, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+    mask = torch.rand(T, 9, generator=gen) > 0.3
+    mask[:, 0] = True
+    results = {}
+    for native in (True, False):
+        monkeypatch.setattr(model_module, "cpu_has_bf16", lambda native=native: native)
+        results[native] = attend(q, keys, values, mask)
+    assert results[False].dtype == torch.bfloat16
+    expected = attend(q.float(), keys.float(), values.float(), mask)
+    assert torch.equal(results[False], expected.to(torch.bfloat16))
+    torch.testing.assert_close(results[True].float(), expected, atol=0.05, rtol=0.05)
 
 
 def test_long_prompts_are_processed_in_bounded_chunks(monkeypatch):
