@@ -17,35 +17,44 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_K = 512
 NUM_WARPS = 4
+BLOCK_GROUPS = 16  # int4 groups of inputs per step of the matrix-vector kernel (a sweep on an H200)
+GEMV_NUM_WARPS = 4
 
 
 def block_rows(n: int) -> int:
     """Rows per program of the matrix-vector kernel: few, so that even a 2560-row matrix spreads over all
     132 multiprocessors of an H200, and more as matrices grow; chosen by a sweep of block shapes there."""
-    return 2 if n <= 4096 else 4 if n <= 6144 else 8
+    return 4 if n <= 4096 else 8
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, N, K, GROUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int4_gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, N, groups, GROUP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    # A group of GROUP inputs is GROUP / 2 bytes (byte j: input 2j in its low nibble, 2j + 1 in its high),
+    # with one scale s and zero z: its part of the sum is s * (sum q x - 8 sum x) + z * sum x. Each step
+    # takes BLOCK_G groups of BLOCK_N rows, as [rows, groups, bytes], and loads each scale and zero once.
+    HALF_GROUP: tl.constexpr = GROUP // 2
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    half, groups = K // 2, K // GROUP
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low nibble) and 2j+1 (high)
-        j_ok = j < half
-        ok = row_ok[:, None] & j_ok[None, :]
-        b = tl.load(packed_ptr + rows[:, None] * half + j[None, :], mask=ok, other=0).to(tl.int32)
-        low, high = (b & 0xF).to(tl.float32) - 8.0, (b >> 4).to(tl.float32) - 8.0
-        g = rows[:, None] * groups + (2 * j[None, :]) // GROUP  # both nibbles of a byte share a group
-        s = tl.load(scale_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        x_even = tl.load(x_ptr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-        x_odd = tl.load(x_ptr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-        acc += s * (low * x_even + high * x_odd) + z * (x_even + x_odd)
+    half = groups * HALF_GROUP
+    byte = tl.arange(0, HALF_GROUP)
+    acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    for g0 in range(0, groups, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        g_ok = g < groups
+        j = g[:, None] * HALF_GROUP + byte[None, :]  # [groups, bytes]
+        x_even = tl.load(x_ptr + 2 * j, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + 2 * j + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        x_sum = tl.sum(x_even + x_odd, axis=1)  # [groups]
+        ok = row_ok[:, None] & g_ok[None, :]
+        b = tl.load(packed_ptr + rows[:, None, None] * half + j[None, :, :], mask=ok[:, :, None], other=0)
+        b = b.to(tl.int32)
+        dot = tl.sum((b & 0xF).to(tl.float32) * x_even[None, :, :] + (b >> 4).to(tl.float32) * x_odd[None, :, :],
+                     axis=2)  # [rows, groups]
+        s = tl.load(scale_ptr + rows[:, None] * groups + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + rows[:, None] * groups + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc += s * (dot - 8.0 * x_sum[None, :]) + z * x_sum[None, :]
     tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -58,8 +67,8 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     x = x.contiguous()
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     block_n = block_rows(N)
-    _int4_gemv_kernel[(triton.cdiv(N, block_n),)](x, packed, scale, zero, y, N, K, GROUP=group, BLOCK_N=block_n,
-                                                   BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+    _int4_gemv_kernel[(triton.cdiv(N, block_n),)](x, packed, scale, zero, y, N, K // group, GROUP=group,
+                                                   BLOCK_N=block_n, BLOCK_G=BLOCK_GROUPS, num_warps=GEMV_NUM_WARPS)
     return y
 
 
@@ -120,20 +129,23 @@ def _int4_rows_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, GR
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < N
     half, groups = K // 2, K // GROUP
+    GROUPS: tl.constexpr = BLOCK_K // GROUP  # per step, each GROUP / 2 bytes with one scale and zero
+    HALF_GROUP: tl.constexpr = GROUP // 2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low nibble) and 2j+1 (high)
-        j_ok = j < half
-        ok = j_ok[:, None] & n_ok[None, :]
-        b = tl.load(packed_ptr + n[None, :] * half + j[:, None], mask=ok, other=0).to(tl.int32)  # [K/2, N]
-        g = n[None, :] * groups + (2 * j[:, None]) // GROUP  # both nibbles of a byte share a group
-        s = tl.load(scale_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        low = (((b & 0xF).to(tl.float32) - 8.0) * s + z).to(tl.bfloat16)
-        high = (((b >> 4).to(tl.float32) - 8.0) * s + z).to(tl.bfloat16)
-        x_ok = m_ok[:, None] & j_ok[None, :]
-        x_even = tl.load(x_ptr + m[:, None] * K + 2 * j[None, :], mask=x_ok, other=0.0)
-        x_odd = tl.load(x_ptr + m[:, None] * K + 2 * j[None, :] + 1, mask=x_ok, other=0.0)
+        g = k0 // GROUP + tl.arange(0, GROUPS)
+        g_ok = g < groups
+        ok = g_ok[:, None] & n_ok[None, :]
+        j = g[:, None, None] * HALF_GROUP + tl.arange(0, HALF_GROUP)[None, :, None]  # byte j: inputs 2j, 2j + 1
+        b = tl.load(packed_ptr + n[None, None, :] * half + j, mask=ok[:, None, :], other=0).to(tl.int32)
+        s = tl.load(scale_ptr + n[None, :] * groups + g[:, None], mask=ok, other=0.0).to(tl.float32)[:, None, :]
+        z = tl.load(zero_ptr + n[None, :] * groups + g[:, None], mask=ok, other=0.0).to(tl.float32)[:, None, :]
+        low = tl.reshape((((b & 0xF).to(tl.float32) - 8.0) * s + z).to(tl.bfloat16), (BLOCK_K // 2, BLOCK_N))
+        high = tl.reshape((((b >> 4).to(tl.float32) - 8.0) * s + z).to(tl.bfloat16), (BLOCK_K // 2, BLOCK_N))
+        i = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        x_ok = m_ok[:, None] & (i < half)[None, :]
+        x_even = tl.load(x_ptr + m[:, None] * K + 2 * i[None, :], mask=x_ok, other=0.0)
+        x_odd = tl.load(x_ptr + m[:, None] * K + 2 * i[None, :] + 1, mask=x_ok, other=0.0)
         acc = tl.dot(x_even, low, tl.dot(x_odd, high, acc))
     tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
