@@ -6,16 +6,22 @@ graph, which launches them all at once. A graph is recorded for the first n rows
 into static device tensors; one replay decodes every conversation in those rows, reading the weights once.
 
 Compiling is slow on a first start and quicker once torch's on-disk cache holds the result (the times are
-in docs/performance.md); each bucket is compiled on its first use. RGCHAT_COMPILE=0 skips it (a graph of
-the plain step: slower per token, quick to start); RGCHAT_CUDA_GRAPHS=0 turns graphs off altogether (eager
-steps)."""
+in docs/performance.md); each bucket is compiled on its first use. That cache lives in rgchat's user cache
+folder, one folder per torch, Triton and GPU (`own_compile_cache_dir`; $TORCHINDUCTOR_CACHE_DIR, torch's
+own setting, overrides it), rather than under /tmp, which many systems empty at every boot.
+RGCHAT_COMPILE=0 skips compiling (a graph of the plain step: slower per token, quick to start);
+RGCHAT_CUDA_GRAPHS=0 turns graphs off altogether (eager steps)."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 import warnings
+from pathlib import Path
 
+import platformdirs
 import torch
 
 from rgchat.model import Griffin
@@ -23,11 +29,38 @@ from rgchat.state import State
 
 ENV_VAR = "RGCHAT_CUDA_GRAPHS"
 COMPILE_ENV_VAR = "RGCHAT_COMPILE"
+CACHE_ENV_VAR = "TORCHINDUCTOR_CACHE_DIR"  # torch's own setting; the Triton kernels it builds go under it
 WARMUP_STEPS = 3
 
 
 def _notice(message: str) -> None:
     print(f"rgchat: {message}", file=sys.stderr, flush=True)
+
+
+def own_compile_cache_dir() -> Path:
+    """rgchat's folder for torch.compile's cache: one per torch, Triton and GPU under the user cache folder,
+    so that an upgrade starts afresh rather than beside stale files."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no-gpu"
+    name = re.sub(r"[^A-Za-z0-9._+]+", "-", f"torch-{torch.__version__}-triton-{triton_version}-{gpu}")
+    return Path(platformdirs.user_cache_dir("rgchat")) / "compile" / name
+
+
+def compile_cache_dir() -> Path:
+    """Where torch.compile keeps what it builds: $TORCHINDUCTOR_CACHE_DIR where set, else rgchat's folder."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or own_compile_cache_dir())
+
+
+def describe_compile_cache(folder: Path) -> str:
+    """The cache folder and what it holds, for `rgchat doctor`."""
+    files = [f for f in folder.rglob("*") if f.is_file() and not f.is_symlink()] if folder.is_dir() else []
+    if not files:
+        return f"{folder} (empty)"
+    return f"{folder} ({len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB)"
 
 
 def bucket(rows: int, slots: int) -> int:
@@ -79,10 +112,22 @@ class GraphStep:
 def _capture(model: Griffin, pool: State, compile: bool) -> GraphStep | bool:
     """A GraphStep, compiled if asked and possible, else plain; False if no graph could be recorded."""
     if compile:
-        try:
-            return GraphStep(model, pool, compile=True)
-        except Exception as e:  # the compiler's failures have many types (missing toolchain, unsupported op)
-            _notice(f"torch.compile failed, recording the plain step ({str(e).splitlines()[0][:200]})")
+        cache = compile_cache_dir()
+        os.environ[CACHE_ENV_VAR] = str(cache)  # torch reads it at every lookup
+        # A failure beside files of rgchat's own cache may come from those files (damaged, or stale in a
+        # way torch's keys miss): they are cleared and the step compiled once more from nothing.
+        retry = cache == own_compile_cache_dir() and cache.is_dir() and any(cache.iterdir())
+        while True:
+            try:
+                return GraphStep(model, pool, compile=True)
+            except Exception as e:  # the compiler's failures have many types (missing toolchain, unsupported op)
+                reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            if not retry:
+                break
+            _notice(f"torch.compile failed beside its cache in {cache} ({reason}); clearing it, compiling again")
+            shutil.rmtree(cache, ignore_errors=True)
+            retry = False
+        _notice(f"torch.compile failed, recording the plain step ({reason})")
     try:
         return GraphStep(model, pool, compile=False)
     except RuntimeError as e:

@@ -9,7 +9,7 @@ import sys
 import torch
 
 import rgchat
-from rgchat import gemv, scan
+from rgchat import cuda_graph, gemv, scan
 from rgchat.errors import RGChatError
 
 
@@ -53,4 +53,6 @@ def report() -> list[tuple[str, str]]:
     except RGChatError as e:
         lines.append(("model store", f"error: {e}"))
     lines.append(("hugging face cache", str(hub.HF_HUB_CACHE)))
+    cache = cuda_graph.describe_compile_cache(cuda_graph.compile_cache_dir()) if torch.cuda.is_available() else None
+    lines.append(("compile cache (cuda)", cache or "not used without CUDA"))
     return lines

@@ -1,6 +1,8 @@
 """CUDA decode through the engine's captured graphs (compiled by default): the same numbers as the eager step,
-greedy output that matches the CPU, and batched decoding against decoding alone. Runs where CUDA is present;
-skipped elsewhere."""
+greedy output that matches the CPU, and batched decoding against decoding alone, where CUDA is present
+(skipped elsewhere); the buckets and the compile cache everywhere."""
+
+import os
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from rgchat.engine import Engine
 from rgchat.model import fuse_projections_
 from rgchat.quant import QUANTIZED, quantize_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -32,6 +34,7 @@ def greedy(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
     return out
 
 
+@needs_cuda
 @pytest.mark.parametrize("compile", ["1", "0"], ids=["compiled", "plain"])
 def test_graph_step_equals_the_eager_step_across_the_window(monkeypatch, compile):
     """Slot 1 decodes through the graph of the pool's first two rows while slot 0 waits (its state must come
@@ -72,10 +75,12 @@ def test_buckets_cover_the_rows_asked_for():
     assert [cuda_graph.bucket(n, 6) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
 
 
-def test_a_failed_compile_records_the_plain_step(monkeypatch, capsys):
+@needs_cuda
+def test_a_failed_compile_records_the_plain_step(monkeypatch, capsys, tmp_path):
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
+    monkeypatch.setenv(cuda_graph.CACHE_ENV_VAR, str(tmp_path))  # a folder of the test's, never cleared
     monkeypatch.setattr(torch, "compile", broken_compile)
     engine = Engine(tiny_model(CYCLES, seed=6).to("cuda"))
     slot = engine.admit()
@@ -86,6 +91,7 @@ def test_a_failed_compile_records_the_plain_step(monkeypatch, capsys):
     assert "torch.compile failed, recording the plain step (no compiler here)" in capsys.readouterr().err
 
 
+@needs_cuda
 def test_greedy_bf16_on_cuda_matches_the_cpu():
     """64 greedy tokens, bf16, the compiled CUDA graph against the CPU: equal, or (where bf16 rounding differs between the
     devices' kernels) the CUDA choices agree with the float32 reference's top-1 at least 99% of the time."""
@@ -107,6 +113,7 @@ def test_greedy_bf16_on_cuda_matches_the_cpu():
         assert agreement >= 0.99
 
 
+@needs_cuda
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("graphs", ["1", "0"], ids=["graph", "eager"])
 def test_batched_decoding_on_cuda_against_decoding_alone(dtype, graphs, monkeypatch):
@@ -130,3 +137,69 @@ def test_batched_decoding_on_cuda_against_decoding_alone(dtype, graphs, monkeypa
     assert min(agree) >= 1  # the first token comes from each conversation's own prefill
     if graphs == "1":
         assert sorted(engine.captured.graphs) == [8]
+
+
+class FakeStep:
+    """A stand-in for GraphStep: records what was asked, fails compiling while `failures` lasts."""
+
+    failures = 0
+    made: list[bool] = []
+
+    def __init__(self, model, pool, compile: bool):
+        if compile and FakeStep.failures:
+            FakeStep.failures -= 1
+            raise RuntimeError("cannot load a cached kernel")
+        self.compiled = compile
+        FakeStep.made.append(compile)
+
+
+@pytest.fixture
+def own_cache(monkeypatch, tmp_path):
+    """rgchat's compile cache folder under a temporary user cache, holding one file; the variable unset."""
+    monkeypatch.setattr(cuda_graph.platformdirs, "user_cache_dir", lambda app: str(tmp_path / "cache" / app))
+    monkeypatch.setenv(cuda_graph.CACHE_ENV_VAR, "recorded, so that the test's change is undone")
+    monkeypatch.delenv(cuda_graph.CACHE_ENV_VAR)
+    monkeypatch.setattr(cuda_graph, "GraphStep", FakeStep)
+    FakeStep.made = []
+    folder = cuda_graph.own_compile_cache_dir()
+    (folder / "fx").mkdir(parents=True)
+    (folder / "fx" / "entry").write_bytes(b"damaged")
+    return folder
+
+
+def test_the_compile_cache_is_rgchats_own_folder_unless_torch_is_told_otherwise(own_cache, monkeypatch, tmp_path):
+    assert own_cache.parent == tmp_path / "cache" / "rgchat" / "compile"
+    assert own_cache.name.startswith(f"torch-{torch.__version__}-triton-".replace(" ", "-"))
+    assert all(c.isalnum() or c in "._+-" for c in own_cache.name)
+    assert cuda_graph.compile_cache_dir() == own_cache
+    assert cuda_graph.describe_compile_cache(own_cache) == f"{own_cache} (1 files, 0.0 MB)"
+    assert cuda_graph.describe_compile_cache(tmp_path / "nothing") == f"{tmp_path / 'nothing'} (empty)"
+    monkeypatch.setenv(cuda_graph.CACHE_ENV_VAR, str(tmp_path / "mine"))
+    assert cuda_graph.compile_cache_dir() == tmp_path / "mine"
+
+
+def test_a_compile_failing_beside_the_cache_clears_it_and_compiles_again(own_cache, capsys):
+    FakeStep.failures = 1
+    step = cuda_graph._capture(None, None, compile=True)
+    assert step.compiled and FakeStep.made == [True]
+    assert not own_cache.exists()
+    assert "clearing it, compiling again" in capsys.readouterr().err
+    assert os.environ[cuda_graph.CACHE_ENV_VAR] == str(own_cache)  # where torch.compile looks
+
+
+def test_a_compile_failing_again_records_the_plain_step_once(own_cache, capsys):
+    FakeStep.failures = 2
+    step = cuda_graph._capture(None, None, compile=True)
+    assert not step.compiled and FakeStep.made == [False]
+    err = capsys.readouterr().err
+    assert err.count("clearing it") == 1 and "recording the plain step (cannot load a cached kernel)" in err
+
+
+def test_a_cache_folder_the_user_chose_is_never_cleared(own_cache, monkeypatch, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "kept").mkdir(parents=True)
+    monkeypatch.setenv(cuda_graph.CACHE_ENV_VAR, str(mine))
+    FakeStep.failures = 1
+    step = cuda_graph._capture(None, None, compile=True)
+    assert not step.compiled and (mine / "kept").is_dir() and own_cache.exists()
+    assert "clearing" not in capsys.readouterr().err

@@ -1,8 +1,10 @@
 import shutil
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from rgchat import cuda_graph
 from rgchat.cli import app
 from rgchat.scan import backend_for
 
@@ -16,6 +18,8 @@ def test_doctor_reports_versions_scan_backend_and_paths(monkeypatch, tmp_path):
     expected = backend_for("cpu", "auto")
     assert lines["scan (cpu)"] == f"{expected.name} ({expected.detail})"
     assert lines["model store"] == str(tmp_path / "store")
+    cache = cuda_graph.describe_compile_cache(cuda_graph.compile_cache_dir())
+    assert lines["compile cache (cuda)"] == (cache if torch.cuda.is_available() else "not used without CUDA")
 
 
 def test_doctor_shows_a_forced_torch_scan(monkeypatch):
