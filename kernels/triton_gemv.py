@@ -163,7 +163,7 @@ def int4_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     M, K = x.shape
     N, half = packed.shape
     group = 2 * half // scale.shape[1]
-    assert 1 <= M <= MAX_ROWS and x.dtype == torch.bfloat16 and K == 2 * half
+    assert 1 <= M <= MAX_ROWS and x.dtype == torch.bfloat16 and K == 2 * half and INT4_ROWS_BLOCK_K % group == 0
     assert packed.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()
     x = x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
