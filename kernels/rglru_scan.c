@@ -23,6 +23,8 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "fastmath.h"
+#include "rglru.h"
 
 #define MAX_THREADS 64
 
@@ -35,36 +37,6 @@ typedef struct {
     int64_t T, L, c0, c1;
     int bf16;
 } job_t;
-
-/* exp(x) - 1, inlined so that the channel loop vectorises without calls into libm (which would spill
- * every vector register). x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2); expm1(r) =
- * r + r^2 P(r) with Cephes' minimax polynomial for expf (about 1 ulp); then 2^n expm1(r) + (2^n - 1),
- * which keeps full relative accuracy for small x, where exp(x) - 1 would cancel. */
-static inline float expm1_inline(float x) {
-    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-    const float n = rintf(x * 1.44269504f);
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    const float p = r + r * r * (5.0000001201e-1f + r * (1.6666665459e-1f + r * (4.1665795894e-2f +
-                    r * (8.3334519073e-3f + r * (1.3981999507e-3f + r * 1.9875691500e-4f)))));
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return two_n * p + (two_n - 1.0f);
-}
-
-static inline float sigmoid(float v) { return 1.0f / (2.0f + expm1_inline(-v)); }
-
-/* The recurrence for one channel, given that token's inputs in float (see the top of this file). */
-static inline float rglru_channel(float x, float gx, float ga, float scale, float h, float keep) {
-    /* With e = expm1(log a) = a - 1: 1 - a^2 = -e (2 + e), exact where a is near 1, which
-       `1 - a * a` is not. Computed unconditionally, even at a reset, so the loop stays vectorised. */
-    const float e = expm1_inline(scale * sigmoid(ga));
-    float mult = sqrtf(-e * (2.0f + e));
-    mult = keep * mult + (1.0f - keep);
-    /* a h = h + e h: never rounding a itself to float keeps the carry exact where a is near 1 */
-    return keep * (h + e * h) + mult * sigmoid(gx) * x;
-}
 
 /* One token's row for channels [0, n): plain restrict pointers so the compiler vectorises the loop.
    keep is 0 where a document starts (forget h, do not normalise x), else 1. */

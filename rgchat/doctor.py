@@ -9,7 +9,7 @@ import sys
 import torch
 
 import rgchat
-from rgchat import cuda_graph, gemv, scan
+from rgchat import cuda_graph, gemv, scan, step_ops
 from rgchat.errors import RGChatError
 
 
@@ -48,6 +48,11 @@ def report() -> list[tuple[str, str]]:
         lines.append(("matrix products (cpu)", products))
     except RGChatError as e:
         lines.append(("matrix products (cpu)", f"error: {e}"))
+    try:
+        ops = step_ops.step_ops()
+        lines.append(("decode step (cpu)", "native (C)" if ops else "torch (native library not loaded)"))
+    except RGChatError as e:
+        lines.append(("decode step (cpu)", f"error: {e}"))
     try:
         lines.append(("model store", str(store_dir())))
     except RGChatError as e:

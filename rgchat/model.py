@@ -25,6 +25,7 @@ from rgchat import gemv
 from rgchat.quant import (Embedding, Linear, cpu_has_bf16, fuse_linears, native_takes, one_sequence, prepare_model_,
                           row_by_row)
 from rgchat.scan import rglru
+from rgchat.step_ops import DTYPES, StepOps, step_ops
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
 
 # Tokens per prefill chunk: bounds activations and attention masks for any prompt. A GPU wants more work
@@ -49,7 +50,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _param(width, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, native: StepOps | None = None) -> torch.Tensor:
+        if native is not None:
+            return native.rms_norm(x, self.weight, self.eps)
         var = x.square().mean(-1, keepdim=True)
         return x * torch.rsqrt(var + self.eps) * (self.weight + 1)
 
@@ -83,6 +86,10 @@ class RowsStep:
     filled: list[int] | None = None
     key_masks: list[torch.Tensor | None] | None = None  # per row: which of its padded keys are real
     padding: torch.Tensor | None = None  # zero keys to pad with [KEY_BLOCK - 1, kv_heads, head_dim]
+    # In an eager CPU step: the native operations that do the element-wise work between the products
+    # (rgchat/step_ops.py), and `filled` as a tensor for them. None where torch's operations do it.
+    native: StepOps | None = None
+    filled_rows: torch.Tensor | None = None
 
 
 # Until its window is full, a row of an eager decode step attends over a multiple of this many keys, the
@@ -102,12 +109,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.mlp_width, cfg.width, True, dtype, device)
         self.gate_up_proj = None  # gate_proj and up_proj as one matrix, once fuse_projections_ ran
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, native: StepOps | None = None) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(gelu(gate) * up)
+        return self.down_proj(native.gelu_mul(gate, up) if native is not None else gelu(gate) * up)
 
 
 class RGLRU(nn.Module):
@@ -122,8 +129,18 @@ class RGLRU(nn.Module):
         self.recurrent_gate_weight = _param(heads, block, block, dtype=dtype, device=device)
         self.recurrent_gate_bias = _param(heads, block, dtype=dtype, device=device)
         self.gate_rows: tuple | None = None  # both gates as [out, in] rows per head, once the native kernel ran
+        self._a_scale: tuple | None = None  # (recurrent_param, its data's address, its a_scale)
 
-    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def a_scale(self) -> torch.Tensor:
+        """-8 softplus(recurrent_param) in float32 [L]: computed at first use and kept while the parameter
+        is the same tensor (native decode steps; traced steps compute it in their graph)."""
+        param = self.recurrent_param
+        cached = self._a_scale
+        if cached is None or cached[0] is not param or cached[1] != param.data_ptr():  # .to() swaps the data
+            self._a_scale = cached = (param, param.data_ptr(), -8.0 * F.softplus(param.float()))
+        return cached[2]
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both gates of x [n, T, L] as [n * T, L], before their sigmoid. On the CPU, bfloat16 gates of few
         rows run through the native kernel, which wants each head's block as [out, in] rows: transposed
         copies (a small part of the weights), made at first use, beside the originals that longer chunks use."""
@@ -154,7 +171,7 @@ class RGLRU(nn.Module):
         (n = 1 only: a decode step always continues one)."""
         n, T, L = x.shape
         rows = x.reshape(n * T, L)
-        gate_x, gate_a = self._gates(x)
+        gate_x, gate_a = self.gates(x)
         a_scale = -8.0 * F.softplus(self.recurrent_param.float())
         reset = None
         if at_start:  # a document starts at the first token of this chunk
@@ -186,6 +203,8 @@ class RecurrentBlock(nn.Module):
             y, u = self.linear_yx(x).chunk(2, dim=-1)
         else:
             y, u = self.linear_y(x), self.linear_x(x)
+        if isinstance(step, RowsStep) and step.native is not None:
+            return self._native_step(y, u, state, step, step.native)
         y = gelu(y)
         chunk = step if isinstance(step, Chunk) else None
         if chunk is not None:  # [1, ...] views of the conversation's state, updated in place
@@ -205,6 +224,21 @@ class RecurrentBlock(nn.Module):
             state.conv.index_copy_(0, step.rows, conv_state)
             state.h.index_copy_(0, step.rows, h)
         return self.linear_out(u * y)
+
+    def _native_step(self, y: torch.Tensor, u: torch.Tensor, state: RecurrentLayerState, step: RowsStep,
+                     native: StepOps) -> torch.Tensor:
+        """forward's work for one token of each row, y and u [n, 1, L] before the gelu and the conv, the
+        element-wise parts in native calls."""
+        conv_state, h = state.conv, state.h
+        if step.gather:
+            conv_state, h = conv_state.index_select(0, step.rows), h.index_select(0, step.rows)
+        conv = native.conv(u, conv_state, self.conv_1d.weight[:, 0, :], self.conv_1d.bias)
+        gate_x, gate_a = self.rg_lru.gates(conv)
+        mixed = native.rglru_gelu(conv, gate_x, gate_a, self.rg_lru.a_scale(), h, y)
+        if step.gather:
+            state.conv.index_copy_(0, step.rows, conv_state)
+            state.h.index_copy_(0, step.rows, h)
+        return self.linear_out(mixed)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -277,6 +311,10 @@ class AttentionBlock(nn.Module):
             q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if isinstance(step, RowsStep) and step.native is not None:  # RoPE, attention and the ring in one call
+            out = step.native.attention(q, k, v, state.k, state.v, step.cos, step.sin, step.rows, step.filled_rows,
+                                        step.slot, self.heads)
+            return self.o_proj(out)
         tokens = x.shape[0] * x.shape[1]  # a chunk's T tokens, or a step's n rows: one RoPE table row each
         q = apply_rope(q.reshape(tokens, self.heads, self.head_dim), step.cos, step.sin)
         k = apply_rope(k.reshape(tokens, self.kv_heads, self.head_dim), step.cos, step.sin)
@@ -331,8 +369,9 @@ class ResidualBlock(nn.Module):
         self.mlp_block = MLP(cfg, dtype, device)
 
     def forward(self, x: torch.Tensor, state: LayerState, step: Step) -> torch.Tensor:
-        r = x + self.temporal_block(self.temporal_pre_norm(x), state, step)
-        return r + self.mlp_block(self.channel_pre_norm(r))
+        native = step.native if isinstance(step, RowsStep) else None
+        r = x + self.temporal_block(self.temporal_pre_norm(x, native), state, step)
+        return r + self.mlp_block(self.channel_pre_norm(r, native), native)
 
 
 class Griffin(nn.Module):
@@ -377,13 +416,17 @@ class Griffin(nn.Module):
         in the pool rows `rows` (some of the pool's, host-side) or in all of them (None)."""
         window, n, device = self.config.window, positions.shape[0], positions.device
         angles = positions.float()[:, None] * self._inv_freq()
+        native = step_ops() if on_host is not None and device.type == "cpu" and self.dtype in DTYPES else None
+        mask = host_rows = filled = key_masks = padding = filled_rows = None
         if on_host is None:  # a graph's step: whole ring buffers under a mask
             written = torch.arange(window, device=device) < positions[:, None]
             mask = torch.cat([written, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
-            host_rows = filled = key_masks = padding = None
         else:
-            mask, host_rows = None, list(range(n)) if rows is None else rows
+            host_rows = list(range(n)) if rows is None else rows
             filled = [min(p, window) for p in on_host]
+        if native is not None:  # it reads each row's filled slots itself
+            filled_rows = torch.tensor(filled, device=device)
+        elif on_host is not None:
             keys = torch.arange(-(-window // KEY_BLOCK) * KEY_BLOCK, device=device)
             key_masks = [None if f == window else keys[:-(-(f + 1) // KEY_BLOCK) * KEY_BLOCK] <= f
                          for f in filled]  # f + 1 real keys; a full window's number never changes
@@ -391,7 +434,7 @@ class Griffin(nn.Module):
                                   device=device)
         pool_rows = torch.arange(n, device=device) if rows is None else torch.tensor(rows, device=device)
         return RowsStep(angles.cos().to(self.dtype), angles.sin().to(self.dtype), mask, positions % window,
-                        pool_rows, rows is not None, host_rows, filled, key_masks, padding)
+                        pool_rows, rows is not None, host_rows, filled, key_masks, padding, native, filled_rows)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, state: State, all_logits: bool = False) -> torch.Tensor:
@@ -427,7 +470,7 @@ class Griffin(nn.Module):
             pool, rows = pool.rows(rows[0], rows[0] + len(rows)), None
         on_host = [s.pos for s in states]
         step = self._rows_step(torch.tensor(on_host, device=self.device), on_host, rows)
-        logits = self._logits(self._layers(tokens.to(self.device)[:, None], pool, step)[:, -1])
+        logits = self._logits(self._layers(tokens.to(self.device)[:, None], pool, step)[:, -1], step.native)
         for i, state in enumerate(states):
             if stacked:
                 for dst, src in zip(state.tensors(), pool.row(i).tensors(), strict=True):
@@ -452,11 +495,13 @@ class Griffin(nn.Module):
             x = layer(x, layer_state, step)
         return x
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.embed_tokens.logits(self.final_norm(x)).float()  # a new tensor: safe to update in place
+    def _logits(self, x: torch.Tensor, native: StepOps | None = None) -> torch.Tensor:
+        logits = self.embed_tokens.logits(self.final_norm(x, native)).float()  # a new tensor: safe to update
         # cap * tanh(logits / cap), as cap * (2 sigmoid(2 logits / cap) - 1): torch's CPU tanh is several times
         # slower than its sigmoid. In place: no more vocabulary-sized tensors a step.
         cap = self.config.logit_cap
+        if native is not None:
+            return native.soft_cap_(logits, cap)
         return logits.mul_(2 / cap).sigmoid_().mul_(2 * cap).sub_(cap)
 
     @property

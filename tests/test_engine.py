@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import CYCLES, tiny_model
-from rgchat import quant
+from rgchat import quant, step_ops
 from rgchat.engine import Engine, EngineFull
 from rgchat.quant import quantize_model
 from rgchat.state import State
@@ -160,10 +160,11 @@ class EagerGraph:
         return self.model.decode_rows(torch.tensor(tokens), torch.tensor(positions), self.pool)
 
 
-def test_a_graph_of_the_first_rows_decodes_some_slots_and_puts_the_others_back(model):
+def test_a_graph_of_the_first_rows_decodes_some_slots_and_puts_the_others_back(model, monkeypatch):
     """Slots 2 and 0 decode through a graph of rows 0..3 while slot 1 holds a conversation that is not
     decoding, and slot 3 is free: slot 1 comes back bit for bit, and 2 and 0 get the tokens they get when
-    slot 1 is free too."""
+    slot 1 is free too. (The eager steps compared with run torch's operations, as the graph's step does.)"""
+    monkeypatch.setenv(step_ops.ENV_VAR, "torch")
 
     def run(with_waiting: bool) -> tuple[list[list[int]], Engine]:
         engine = Engine(model, slots=4)
