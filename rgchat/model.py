@@ -43,7 +43,8 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * (1 + scale), computed in the activation dtype as the official implementation does."""
+    """x / rms(x) * (1 + scale), computed in the activation dtype as the official implementation does (a
+    native CPU decode step computes it in float32 and rounds once: rgchat/step_ops.py)."""
 
     def __init__(self, width: int, eps: float, dtype: torch.dtype, device=None):
         super().__init__()
