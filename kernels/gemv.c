@@ -15,8 +15,8 @@
  * row after the other (one sequential stream a thread), with an accumulator per activation row; from four
  * activation rows on, the AVX-512 int8 and bf16 paths take output rows in pairs (see int8_block_avx512).
  * A row's result never depends on how many rows come with it. Paths: portable C, AVX2 (+FMA), and AVX-512
- * (VNNI for the integer formats, BF16 for bfloat16), chosen at run time from the CPU's flags, or forced by
- * the caller (the tests force each).
+ * (VNNI for the integer formats, BF16 for bfloat16; bfloat16 widened to float on AVX-512 CPUs without
+ * BF16), chosen at run time from the CPU's flags, or forced by the caller (the tests force each).
  *
  * Threads: a persistent pool splits the output rows; the calling thread takes the first slice. Plain C
  * with no Python or torch dependency, called through ctypes; bfloat16 tensors arrive as uint16 bits.
@@ -46,7 +46,8 @@
 #define HAVE_X86 0
 #endif
 
-enum { PATH_AUTO = 0, PATH_PORTABLE = 1, PATH_AVX2 = 2, PATH_AVX512 = 3 };
+/* PATH_AVX512_FLOAT: bf16 alone, on AVX-512 without VDPBF16PS (or forced, to test it on any AVX-512 CPU) */
+enum { PATH_AUTO = 0, PATH_PORTABLE = 1, PATH_AVX2 = 2, PATH_AVX512 = 3, PATH_AVX512_FLOAT = 4 };
 enum { KIND_INT8 = 0, KIND_INT4 = 1, KIND_BF16 = 2 };
 enum { OK = 0, ERR_ARGS = 1, ERR_PATH = 2, ERR_MEMORY = 3 };
 
@@ -68,8 +69,8 @@ typedef struct {
     const int32_t *xsum;           /* int8 AVX-512: [B] sum of xq over the vector part */
     const float *xgroup;           /* int4: [B, K/group] sum of xq per group, as float */
     const float *xscale;           /* int8, int4: [B] */
-    const float *xf;               /* bf16 portable and AVX2: [B, K] activations as float */
-    const uint16_t *xb;            /* bf16 AVX-512: [B, K] activations as bfloat16 */
+    const float *xf;               /* bf16 but on PATH_AVX512: [B, K] activations as float */
+    const uint16_t *xb;            /* bf16 on PATH_AVX512: [B, K] activations as bfloat16 */
     void *out;                     /* [B, N], float32 or bfloat16 */
 } job_t;
 
@@ -389,6 +390,43 @@ AVX512BF16 INLINE void bf16_block_avx512(const job_t *j, int64_t n, const int R,
 AVX512BF16 INLINE void bf16_rows_avx512(const job_t *j, int64_t n, const int B) { bf16_block_avx512(j, n, 1, B); }
 AVX512BF16 INLINE void bf16_pair_avx512(const job_t *j, int64_t n, const int B) { bf16_block_avx512(j, n, 2, B); }
 DEFINE_PART(bf16_part_avx512, bf16_rows_avx512, bf16_pair_avx512, AVX512BF16)
+
+/* a bfloat16 is the top half of a float */
+AVX512 INLINE __m512 bf16x16_to_f32_avx512(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* bf16 on AVX-512 CPUs without VDPBF16PS: each weight vector widened to float in registers and multiplied
+ * by float activations, 16 lanes at a time, in pairs of output rows from PAIR_FROM activation rows on. */
+AVX512 INLINE void bf16_float_block_avx512(const job_t *j, int64_t n, const int R, const int B) {
+    const int64_t K = j->K, KV = K & ~(int64_t)15, xs = j->x_stride;
+    const uint16_t *w = (const uint16_t *)j->w + n * K;
+    const float *x = j->xf + n / j->rows_per_head * K;
+    __m512 acc[2][MAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < KV; k += 16) {
+        __m512 wv[2];
+        for (int r = 0; r < R; r++) {
+            if ((k & 31) == 0) _mm_prefetch((const char *)(w + (R + r) * K + k), _MM_HINT_T0); /* the next rows */
+            wv[r] = bf16x16_to_f32_avx512(w + r * K + k);
+        }
+        for (int b = 0; b < B; b++) {
+            __m512 xv = _mm512_loadu_ps(x + b * xs + k);
+            if (R > 1) __asm__("" : "+v"(xv)); /* loaded once for both rows, not once for each */
+            for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            float tail = 0.0f;
+            for (int64_t k = KV; k < K; k++) tail += bf16_to_f32(w[r * K + k]) * x[b * xs + k];
+            store(j, b, n + r, _mm512_reduce_add_ps(acc[r][b]) + tail);
+        }
+}
+AVX512 INLINE void bf16_float_rows_avx512(const job_t *j, int64_t n, const int B) { bf16_float_block_avx512(j, n, 1, B); }
+AVX512 INLINE void bf16_float_pair_avx512(const job_t *j, int64_t n, const int B) { bf16_float_block_avx512(j, n, 2, B); }
+DEFINE_PART(bf16_float_part_avx512, bf16_float_rows_avx512, bf16_float_pair_avx512, AVX512)
 #endif /* HAVE_X86 */
 
 /* ---- dispatch ---------------------------------------------------------------------------------------- */
@@ -405,6 +443,7 @@ static int cpu_runs(int path, int kind) {
     if (path == PATH_AVX2) return avx2;
     if (path == PATH_AVX512)
         return avx512 && (kind == KIND_BF16 ? __builtin_cpu_supports("avx512bf16") : __builtin_cpu_supports("avx512vnni"));
+    if (path == PATH_AVX512_FLOAT) return avx512 && kind == KIND_BF16;
 #endif
     (void)kind;
     return 0;
@@ -412,8 +451,9 @@ static int cpu_runs(int path, int kind) {
 
 /* The fastest path this CPU runs for a kind of product (what PATH_AUTO means). */
 int gemv_best_path(int kind) {
-    for (int path = PATH_AVX512; path > PATH_PORTABLE; path--)
-        if (cpu_runs(path, kind)) return path;
+    static const int fastest_first[] = {PATH_AVX512, PATH_AVX512_FLOAT, PATH_AVX2};
+    for (int i = 0; i < 3; i++)
+        if (cpu_runs(fastest_first[i], kind)) return fastest_first[i];
     return PATH_PORTABLE;
 }
 
@@ -424,6 +464,7 @@ static part_fn part_for(int kind, int path) {
 #if HAVE_X86
     static const part_fn avx2[] = {int8_part_avx2, int4_part_avx2, bf16_part_avx2};
     static const part_fn avx512[] = {int8_part_avx512, int4_part_avx512, bf16_part_avx512};
+    if (path == PATH_AVX512_FLOAT) return bf16_float_part_avx512;
     if (path == PATH_AVX2) return avx2[kind];
     if (path == PATH_AVX512) return avx512[kind];
 #endif
@@ -771,7 +812,7 @@ int gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t heads, const uint
     if (heads < 1 || N % heads) return ERR_ARGS;
     pthread_mutex_lock(&call_lock);
     const int64_t width = heads * K;
-    float *xf = path == PATH_AVX512 ? NULL : scratch_of(B * width * sizeof(float));
+    float *xf = path == PATH_AVX512 ? NULL : scratch_of(B * width * sizeof(float)); /* the rest read floats */
     if (path != PATH_AVX512 && !xf) {
         pthread_mutex_unlock(&call_lock);
         return ERR_MEMORY;

@@ -42,17 +42,19 @@ def report() -> list[tuple[str, str]]:
             lines.append((f"scan ({device})", f"{backend.name} ({backend.detail})"))
         except RGChatError as e:
             lines.append((f"scan ({device})", f"error: {e}"))
-    try:
-        kernels = gemv.cpu_kernels()
-        products = f"native ({kernels.detail()})" if kernels else "torch (native library not loaded)"
-        lines.append(("matrix products (cpu)", products))
-    except RGChatError as e:
-        lines.append(("matrix products (cpu)", f"error: {e}"))
-    try:
-        ops = step_ops.step_ops()
-        lines.append(("decode step (cpu)", "native (C)" if ops else "torch (native library not loaded)"))
-    except RGChatError as e:
-        lines.append(("decode step (cpu)", f"error: {e}"))
+    for name, load, env_var in (("matrix products (cpu)", gemv.cpu_kernels, gemv.ENV_VAR),
+                                ("decode step (cpu)", step_ops.step_ops, step_ops.ENV_VAR)):
+        try:
+            native = load()
+        except RGChatError as e:
+            lines.append((name, f"error: {e}"))
+            continue
+        if native is not None:
+            lines.append((name, f"native ({native.detail()})"))
+        elif os.environ.get(env_var) == "torch":
+            lines.append((name, f"torch ({env_var}=torch)"))
+        else:
+            lines.append((name, "torch (native library not loaded)"))
     try:
         lines.append(("model store", str(store_dir())))
     except RGChatError as e:

@@ -25,8 +25,9 @@ from rgchat.errors import RGChatError
 from rgchat.native import library_path
 
 ENV_VAR = "RGCHAT_GEMV"
-PATHS = {"portable": 1, "avx2": 2, "avx512": 3}
-PATH_NAMES = {1: "portable C", 2: "AVX2", 3: "AVX-512"}
+# avx512-float: bf16 alone, the AVX-512 path of CPUs without AVX-512 BF16 (bfloat16 widened to float)
+PATHS = {"portable": 1, "avx2": 2, "avx512": 3, "avx512-float": 4}
+PATH_NAMES = {1: "portable C", 2: "AVX2", 3: "AVX-512", 4: "AVX-512 (float)"}
 KINDS = {"int8": 0, "int4": 1, "bf16": 2}
 MAX_ROWS = 8  # activation rows one call takes
 MAX_K = 65536  # input width up to which every integer sum is exact

@@ -93,6 +93,17 @@ class RowsStep:
     filled_rows: torch.Tensor | None = None
 
 
+def _native_layout(pool: State, dtype: torch.dtype) -> bool:
+    """Whether the native step operations can update `pool` in place: contiguous tensors, the RG-LRU carries
+    in float32 and the rest in the activation dtype."""
+    for layer in pool.layers:
+        for field in dataclasses.fields(layer):
+            t = getattr(layer, field.name)
+            if not t.is_contiguous() or t.dtype != (torch.float32 if field.name == "h" else dtype):
+                return False
+    return True
+
+
 # Until its window is full, a row of an eager decode step attends over a multiple of this many keys, the
 # padding masked: torch's CPU bfloat16 product builds a kernel for every new shape, which costs several
 # times the product itself, and each step would otherwise meet a new number of keys.
@@ -130,16 +141,16 @@ class RGLRU(nn.Module):
         self.recurrent_gate_weight = _param(heads, block, block, dtype=dtype, device=device)
         self.recurrent_gate_bias = _param(heads, block, dtype=dtype, device=device)
         self.gate_rows: tuple | None = None  # both gates as [out, in] rows per head, once the native kernel ran
-        self._a_scale: tuple | None = None  # (recurrent_param, its data's address, its a_scale)
+        self._a_scale: tuple | None = None  # (recurrent_param, its data's address, its version, its a_scale)
 
     def a_scale(self) -> torch.Tensor:
         """-8 softplus(recurrent_param) in float32 [L]: computed at first use and kept while the parameter
-        is the same tensor (native decode steps; traced steps compute it in their graph)."""
-        param = self.recurrent_param
-        cached = self._a_scale
-        if cached is None or cached[0] is not param or cached[1] != param.data_ptr():  # .to() swaps the data
-            self._a_scale = cached = (param, param.data_ptr(), -8.0 * F.softplus(param.float()))
-        return cached[2]
+        holds the same values (native decode steps; traced steps compute it in their graph)."""
+        param, cached = self.recurrent_param, self._a_scale
+        # .to() swaps the data; load_state_dict copies into it, which moves its version on
+        if cached is None or cached[0] is not param or cached[1:3] != (param.data_ptr(), param._version):
+            self._a_scale = cached = (param, param.data_ptr(), param._version, -8.0 * F.softplus(param.float()))
+        return cached[3]
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both gates of x [n, T, L] as [n * T, L], before their sigmoid. On the CPU, bfloat16 gates of few
@@ -412,12 +423,18 @@ class Griffin(nn.Module):
         return Chunk(start, angles.cos().to(self.dtype), angles.sin().to(self.dtype), mask)
 
     def _rows_step(self, positions: torch.Tensor, on_host: list[int] | None = None,
-                   rows: list[int] | None = None) -> RowsStep:
-        """One token for each of n conversations at device positions [n] (also `on_host` in an eager step),
-        in the pool rows `rows` (some of the pool's, host-side) or in all of them (None)."""
+                   rows: list[int] | None = None, pool: State | None = None) -> RowsStep:
+        """One token for each of n conversations at device positions [n] (also `on_host` in an eager step,
+        with its `pool`), in the pool rows `rows` (some of the pool's, host-side) or in all of them (None)."""
         window, n, device = self.config.window, positions.shape[0], positions.device
         angles = positions.float()[:, None] * self._inv_freq()
-        native = step_ops() if on_host is not None and device.type == "cpu" and self.dtype in DTYPES else None
+        native = None
+        if on_host is not None and device.type == "cpu" and self.dtype in DTYPES:
+            native = step_ops()
+            # The native operations update the state in place and refuse tensors they cannot read; checked
+            # here, before any layer runs, a step never stops half applied.
+            if native is not None and (pool is None or not _native_layout(pool, self.dtype)):
+                native = None
         mask = host_rows = filled = key_masks = padding = filled_rows = None
         if on_host is None:  # a graph's step: whole ring buffers under a mask
             written = torch.arange(window, device=device) < positions[:, None]
@@ -470,7 +487,7 @@ class Griffin(nn.Module):
         elif rows == list(range(rows[0], rows[0] + len(rows))):
             pool, rows = pool.rows(rows[0], rows[0] + len(rows)), None
         on_host = [s.pos for s in states]
-        step = self._rows_step(torch.tensor(on_host, device=self.device), on_host, rows)
+        step = self._rows_step(torch.tensor(on_host, device=self.device), on_host, rows, pool)
         logits = self._logits(self._layers(tokens.to(self.device)[:, None], pool, step)[:, -1], step.native)
         for i, state in enumerate(states):
             if stacked:

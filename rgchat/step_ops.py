@@ -46,6 +46,18 @@ def _check(status: int, what: str) -> None:
         raise RuntimeError(f"native {what} failed: {'bad arguments' if status == 1 else 'out of memory'}")
 
 
+def _shapes(what: str, *pairs: tuple[torch.Tensor, tuple[int, ...]]) -> None:
+    """The kernels see only pointers and sizes: every tensor must have exactly the shape they assume."""
+    for t, shape in pairs:
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{what}: a tensor of shape {tuple(t.shape)} where {shape} was expected")
+
+
+def _within(indices: torch.Tensor, end: int) -> bool:
+    values = indices.tolist()
+    return 0 <= min(values) and max(values) < end
+
+
 def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
     """The data of a tensor the kernels read as given: contiguous, on the CPU, of the step's dtype."""
     if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
@@ -61,21 +73,22 @@ class StepOps:
         self.lib = lib
 
     @staticmethod
-    def takes(x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype in DTYPES
+    def detail() -> str:
+        """What runs, for `rgchat doctor`."""
+        return "C, one thread"
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x = x.contiguous()
         out = torch.empty_like(x)
         width = x.shape[-1]
+        _shapes("norm", (weight, (width,)))
         _check(self.lib.step_rms_norm(_ptr(x, x.dtype), _ptr(weight, x.dtype), out.data_ptr(), x.numel() // width,
                                       width, eps, x.dtype == torch.bfloat16), "norm")
         return out
 
     def gelu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate, up = gate.contiguous(), up.contiguous()
-        if gate.shape != up.shape:
-            raise ValueError("gelu_mul takes two tensors of one shape")
+        _shapes("gelu", (up, tuple(gate.shape)))
         out = torch.empty_like(gate)
         _check(self.lib.step_gelu_mul(_ptr(gate, gate.dtype), _ptr(up, gate.dtype), out.data_ptr(), gate.numel(),
                                       gate.dtype == torch.bfloat16), "gelu")
@@ -86,8 +99,7 @@ class StepOps:
         (moved on in place), with weight [L, width] and bias [L]."""
         u = u.contiguous()
         n, L, width, dtype = u.shape[0], u.shape[-1], weight.shape[-1], u.dtype
-        if state.shape != (n, width - 1, L) or weight.shape != (L, width):
-            raise ValueError("conv: mismatched shapes")
+        _shapes("conv", (u, (n, 1, L)), (state, (n, width - 1, L)), (weight, (L, width)), (bias, (L,)))
         out = torch.empty_like(u)
         _check(self.lib.step_conv(_ptr(u, dtype), _ptr(state, dtype), _ptr(weight, dtype), _ptr(bias, dtype),
                                   out.data_ptr(), n, L, width, dtype == torch.bfloat16), "conv")
@@ -100,8 +112,8 @@ class StepOps:
         ([n, L] or [n, 1, L]); a_scale [L] float32."""
         x, y, gate_x, gate_a = x.contiguous(), y.contiguous(), gate_x.contiguous(), gate_a.contiguous()
         n, L, dtype = x.shape[0], x.shape[-1], x.dtype
-        if h.shape != (n, L) or y.shape != x.shape or gate_x.numel() != n * L or gate_a.numel() != n * L:
-            raise ValueError("rglru_gelu: mismatched shapes")
+        _shapes("RG-LRU", (x, (n, 1, L)), (y, (n, 1, L)), (gate_x.reshape(-1), (n * L,)),
+                (gate_a.reshape(-1), (n * L,)), (a_scale, (L,)), (h, (n, L)))
         out = torch.empty_like(x)
         _check(self.lib.step_rglru_gelu(_ptr(x, dtype), _ptr(gate_x, dtype),
                                         _ptr(gate_a, dtype), _ptr(a_scale, torch.float32),
@@ -118,12 +130,13 @@ class StepOps:
         Returns [n, 1, heads * hd]."""
         q, k, v, cos, sin = q.contiguous(), k.contiguous(), v.contiguous(), cos.contiguous(), sin.contiguous()
         n, dtype = q.shape[0], q.dtype
-        window, kv_heads, head_dim = ring_k.shape[1:]
-        if (q.shape[-1] != heads * head_dim or k.shape[-1] != kv_heads * head_dim or v.shape != k.shape
-                or ring_v.shape != ring_k.shape or cos.shape != (n, head_dim // 4) or sin.shape != cos.shape
-                or any(t.shape != (n,) for t in (rows, filled, slot))
-                or int(rows.max()) >= ring_k.shape[0]):
-            raise ValueError("attention: mismatched shapes")
+        pool, window, kv_heads, head_dim = ring_k.shape
+        _shapes("attention", (q, (n, 1, heads * head_dim)), (k, (n, 1, kv_heads * head_dim)), (v, tuple(k.shape)),
+                (ring_v, tuple(ring_k.shape)), (cos, (n, head_dim // 4)), (sin, (n, head_dim // 4)),
+                (rows, (n,)), (filled, (n,)), (slot, (n,)))
+        if (heads % kv_heads or head_dim % 4 or not _within(rows, pool) or not _within(filled, window + 1)
+                or not _within(slot, window)):
+            raise ValueError("attention: heads, rows, filled slots or ring slots out of range")
         out = torch.empty_like(q)
         _check(self.lib.step_attention(
             _ptr(q, dtype), _ptr(k, dtype), _ptr(v, dtype), _ptr(ring_k, dtype), _ptr(ring_v, dtype),

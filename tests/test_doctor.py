@@ -28,6 +28,14 @@ def test_doctor_shows_a_forced_torch_scan(monkeypatch):
     assert "scan (cpu): torch (PyTorch loop)" in out.stdout
 
 
+def test_doctor_names_forced_torch_products_and_step(monkeypatch):
+    monkeypatch.setenv("RGCHAT_GEMV", "torch")
+    monkeypatch.setenv("RGCHAT_STEP", "torch")
+    out = CliRunner().invoke(app, ["doctor"])
+    assert "matrix products (cpu): torch (RGCHAT_GEMV=torch)" in out.stdout
+    assert "decode step (cpu): torch (RGCHAT_STEP=torch)" in out.stdout
+
+
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler: the scan falls back")
 def test_native_cpu_scan_is_built_by_the_install():
     """Where a C compiler exists, the README's install command compiles kernels/rglru_scan.c."""

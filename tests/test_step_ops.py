@@ -10,8 +10,10 @@ from conftest import BLOCKS, CYCLES, greedy_tokens, tiny_model
 from rgchat import model as model_module
 from rgchat import step_ops
 from rgchat.errors import RGChatError
+from rgchat.engine import Engine
 from rgchat.model import attend
 from rgchat.scan import rglru_torch
+from rgchat.state import State
 
 needs_library = pytest.mark.skipif(step_ops._ops_for("auto") is None, reason="native step library not built")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -135,18 +137,30 @@ def test_soft_cap_in_place():
 
 @needs_library
 def test_bad_tensors_are_refused_not_read():
+    """The kernels see only pointers and sizes: a tensor of another dtype, layout or size, or an index out of
+    range, is refused before any is read."""
     x = randn(2, 1, 16, seed=21)
     with pytest.raises(ValueError):
         ops().rms_norm(x, randn(16, seed=22, dtype=torch.bfloat16), 1e-6)  # another dtype
     with pytest.raises(ValueError):
+        ops().rms_norm(x, randn(8, seed=22), 1e-6)  # a short weight
+    with pytest.raises(ValueError):
         ops().conv(x, randn(2, 16, 3, seed=23).transpose(1, 2), randn(16, 4, seed=24), randn(16, seed=25))
+    with pytest.raises(ValueError):  # a short bias
+        ops().conv(x, randn(2, 3, 16, seed=23), randn(16, 4, seed=24), randn(15, seed=25))
+    with pytest.raises(ValueError):  # a short a_scale
+        ops().rglru_gelu(x, x, x, randn(8, seed=29), randn(2, 16, seed=30), x)
     ring = torch.zeros(2, 8, 1, 4)
-    with pytest.raises(ValueError):  # a pool row beyond the pool
-        ops().attention(randn(1, 1, 4, seed=26), randn(1, 1, 4, seed=27), randn(1, 1, 4, seed=28), ring, ring.clone(),
-                        torch.ones(1, 1), torch.zeros(1, 1), torch.tensor([2]), torch.tensor([0]), torch.tensor([0]), 1)
-    with pytest.raises(RuntimeError):  # more filled slots than the window: the kernel checks too
-        ops().attention(randn(1, 1, 4, seed=26), randn(1, 1, 4, seed=27), randn(1, 1, 4, seed=28), ring, ring.clone(),
-                        torch.ones(1, 1), torch.zeros(1, 1), torch.tensor([1]), torch.tensor([9]), torch.tensor([0]), 1)
+
+    def attention(rows=1, filled=0, slot=0, k=None):
+        q = randn(1, 1, 4, seed=26)
+        return ops().attention(q, randn(1, 1, 4, seed=27) if k is None else k, randn(1, 1, 4, seed=28), ring,
+                               ring.clone(), torch.ones(1, 1), torch.zeros(1, 1), torch.tensor([rows]),
+                               torch.tensor([filled]), torch.tensor([slot]), 1)
+    attention(filled=8, slot=7)  # a full window: fine
+    for bad in (dict(rows=2), dict(filled=9), dict(slot=8), dict(slot=-1), dict(k=randn(1, 1, 8, seed=27))):
+        with pytest.raises(ValueError):  # a pool row beyond the pool, more keys than the window, ...
+            attention(**bad)
 
 
 def decode_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
@@ -185,14 +199,85 @@ def test_bf16_model_decodes_nearly_the_same_with_native_operations_on_and_off(mo
     assert (on.argmax(-1) == off.argmax(-1)).float().mean() >= 0.9 and len(set(tokens)) > 5
 
 
+OPERATIONS = ("rms_norm", "gelu_mul", "conv", "rglru_gelu", "attention", "soft_cap_")
+
+
+def count_calls(monkeypatch) -> dict[str, int]:
+    calls = dict.fromkeys(OPERATIONS, 0)
+    for name in OPERATIONS:
+        def counted(self, *args, _name=name, _original=getattr(step_ops.StepOps, name)):
+            calls[_name] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(step_ops.StepOps, name, counted)
+    return calls
+
+
 @needs_library
-def test_the_decode_step_uses_the_native_operations(monkeypatch):
-    calls = []
-    original = step_ops.StepOps.attention
-    monkeypatch.setattr(step_ops.StepOps, "attention", lambda self, *a: calls.append(1) or original(self, *a))
+@pytest.mark.parametrize("choice", ["auto", "torch"])
+def test_the_decode_step_runs_every_native_operation_unless_told_not_to(monkeypatch, choice):
+    calls = count_calls(monkeypatch)
+    monkeypatch.setenv(step_ops.ENV_VAR, choice)
     model = tiny_model(CYCLES, seed=33)
-    greedy_tokens(model, PROMPT[:5], 3)
-    assert calls
+    greedy_tokens(model, PROMPT[:5], 3)  # a prefill (torch's operations), then decode steps
+    if choice == "torch":
+        assert not any(calls.values()), calls
+    else:
+        assert all(calls.values()), calls
+
+
+@needs_library
+def test_slots_decoded_through_their_index_match_torch(monkeypatch):
+    """Some rows of an engine's pool, not consecutive ones (gathered and written back): the same logits and
+    states as torch's operations give, and the rows not decoded untouched."""
+    model = tiny_model(dataclasses.replace(CYCLES, window=16), seed=35)
+    results = []
+    for choice in ("native", "torch"):
+        monkeypatch.setenv(step_ops.ENV_VAR, choice)
+        engine = Engine(model, slots=4)
+        slots = [engine.admit() for _ in range(4)]
+        for slot in slots:
+            engine.prefill(slot, PROMPT[:5 + 6 * slot])  # slot 3 beyond the window
+        idle = engine.state(1).clone()
+        logits = torch.cat([engine.decode([0, 3, 2], [7, 8, 9]), engine.decode([3, 0], [10, 11])])
+        assert all(torch.equal(a, b) for a, b in zip(engine.state(1).tensors(), idle.tensors()))
+        results.append((logits, engine.pool.tensors()))
+    (on, on_state), (off, off_state) = results
+    torch.testing.assert_close(on, off, rtol=0, atol=1e-5 * off.abs().max().item())
+    for a, b in zip(on_state, off_state, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(b.abs().max().item(), 1.0))
+
+
+@needs_library
+def test_a_pool_the_native_operations_cannot_update_takes_torchs(monkeypatch):
+    """A pool with a non-contiguous tensor runs torch's operations for the whole step, not some layers of it."""
+    calls = count_calls(monkeypatch)
+    model = tiny_model(CYCLES, seed=36)
+    states = [model.new_state() for _ in range(2)]
+    for i, state in enumerate(states):
+        model.prefill(torch.tensor(PROMPT[:4 + i]), state)
+    pool = State.stack(states)
+    layer = pool.layers[2]  # an attention layer
+    layer.k = layer.k.transpose(0, 1).contiguous().transpose(0, 1)  # the same values, another layout
+    rows = [pool.row(0), pool.row(1)]
+    for row, state in zip(rows, states):
+        row.pos = state.pos
+    want = model.decode(torch.tensor([5, 6]), [s.clone() for s in states])  # native
+    assert all(calls.values())
+    calls.update(dict.fromkeys(calls, 0))
+    got = model.decode(torch.tensor([5, 6]), rows, pool, [0, 1])
+    assert not any(calls.values()), calls
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_a_scale_follows_the_parameter():
+    model = tiny_model(CYCLES, seed=37)
+    lru = model.layers[0].temporal_block.rg_lru
+    first = lru.a_scale()
+    assert lru.a_scale() is first  # kept
+    with torch.no_grad():
+        lru.recurrent_param.add_(1.0)  # in place: a new version of the same tensor
+    torch.testing.assert_close(lru.a_scale(), -8.0 * torch.nn.functional.softplus(lru.recurrent_param.float()))
+    assert not torch.equal(lru.a_scale(), first)
 
 
 def test_a_missing_library_falls_back_with_one_notice(monkeypatch, capsys):
