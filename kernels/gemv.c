@@ -69,7 +69,7 @@ typedef struct {
     const int32_t *xsum;           /* int8 AVX-512: [B] sum of xq over the vector part */
     const float *xgroup;           /* int4: [B, K/group] sum of xq per group, as float */
     const float *xscale;           /* int8, int4: [B] */
-    const float *xf;               /* bf16 but on PATH_AVX512: [B, K] activations as float */
+    const float *xf;               /* bf16 on every path but PATH_AVX512: [B, K] activations as float */
     const uint16_t *xb;            /* bf16 on PATH_AVX512: [B, K] activations as bfloat16 */
     void *out;                     /* [B, N], float32 or bfloat16 */
 } job_t;
@@ -452,7 +452,7 @@ static int cpu_runs(int path, int kind) {
 /* The fastest path this CPU runs for a kind of product (what PATH_AUTO means). */
 int gemv_best_path(int kind) {
     static const int fastest_first[] = {PATH_AVX512, PATH_AVX512_FLOAT, PATH_AVX2};
-    for (int i = 0; i < 3; i++)
+    for (size_t i = 0; i < sizeof fastest_first / sizeof fastest_first[0]; i++)
         if (cpu_runs(fastest_first[i], kind)) return fastest_first[i];
     return PATH_PORTABLE;
 }
