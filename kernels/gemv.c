@@ -14,6 +14,8 @@
  * Decode is bound by reading W, so each path reads every weight once for all activation rows, one output
  * row after the other (one sequential stream a thread), with an accumulator per activation row; from four
  * activation rows on, the AVX-512 int8 and bf16 paths take output rows in pairs (see int8_block_avx512).
+ * gemv_int8_packed reads int8 weights from a layout packed in blocks of 32 output rows instead, which lets
+ * one activation load serve the whole block (the AVX-512 path runs int8 models from it; see PACK_ROWS).
  * A row's result never depends on how many rows come with it. Paths: portable C, AVX2 (+FMA), and AVX-512
  * (VNNI for the integer formats, BF16 for bfloat16; bfloat16 widened to float on AVX-512 CPUs without
  * BF16), chosen at run time from the CPU's flags, or forced by the caller (the tests force each).
@@ -54,6 +56,7 @@ enum { OK = 0, ERR_ARGS = 1, ERR_PATH = 2, ERR_MEMORY = 3 };
 #define MAX_ROWS 8
 #define MAX_K 65536 /* keeps every int32 sum exact: 65536 * 255 * 128 < 2^31 */
 #define MAX_THREADS 64
+#define MAX_PACKED_ROWS 4096 /* rows of one packed int8 product: a prefill chunk */
 
 /* ---- one product ------------------------------------------------------------------------------------- */
 
@@ -104,6 +107,30 @@ static void int8_part_portable(const job_t *j, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n++)
         for (int b = 0; b < j->B; b++)
             store_int8(j, b, n, dot_int8_tail((const int8_t *)j->w + n * j->K, j->xq + b * j->K, 0, j->K));
+}
+
+/* ---- int8 from the packed layout --------------------------------------------------------------------
+ * gemv_int8_packed reads int8 weights in blocks of PACK_ROWS output rows, each block [K/4][PACK_ROWS][4]:
+ * four consecutive inputs of every row of the block, then the next four. A 64-byte vector then holds four
+ * inputs of 16 output rows, so one broadcast group of four activations feeds 16 outputs at once: the
+ * activations are loaded once for PACK_ROWS rows instead of once per row or pair, each block is one sequential
+ * stream, and every lane ends as one output's exact int32 sum (no horizontal sums). Activation rows are taken
+ * PACKED_GROUP at a time, each group over the whole block while it is in cache, so any number of rows (a
+ * prefill chunk) reads the weights from memory once. */
+#define PACK_ROWS 32
+#define PACKED_GROUP 8
+
+static inline int8_t packed_weight(const job_t *j, int64_t n, int64_t k) {
+    return ((const int8_t *)j->w)[(n / PACK_ROWS) * PACK_ROWS * j->K + (k / 4) * (4 * PACK_ROWS) + (n % PACK_ROWS) * 4 + k % 4];
+}
+
+static void int8_packed_part_portable(const job_t *j, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++)
+        for (int b = 0; b < j->B; b++) {
+            int32_t s = 0;
+            for (int64_t k = 0; k < j->K; k++) s += (int32_t)packed_weight(j, n, k) * j->xq[b * j->K + k];
+            store_int8(j, b, n, s);
+        }
 }
 
 static void int4_part_portable(const job_t *j, int64_t n0, int64_t n1) {
@@ -321,6 +348,18 @@ DEFINE_PART(bf16_part_avx2, bf16_rows_avx2, no_pair, AVX2)
 
 /* ---- AVX-512 ----------------------------------------------------------------------------------------- */
 
+/* VPDPBUSD and VDPBF16PS through inline assembly: GCC 12's intrinsics for them do not keep an accumulator in
+ * one register across a loop, and with many accumulators it copies each one twice per step (and spills). */
+AVX512 INLINE __m512i dpbusd_avx512(__m512i acc, __m512i u8, __m512i s8) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+    return acc;
+}
+
+AVX512BF16 INLINE __m512 dpbf16_avx512(__m512 acc, __m512i a, __m512i b) {
+    __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+
 /* int8 with VPDPBUSD (unsigned times signed bytes, summed in int32 without saturation): the weights are
  * made unsigned by flipping their sign bit (w + 128), and 128 * sum(xq) is taken off at the end.
  * R (1 or 2) output rows at once: with many activation rows, two let each activation vector loaded serve
@@ -342,7 +381,7 @@ AVX512 INLINE void int8_block_avx512(const job_t *j, int64_t n, const int R, con
         for (int b = 0; b < B; b++) {
             __m512i xv = _mm512_loadu_si512(j->xq + b * K + k);
             if (R > 1) __asm__("" : "+v"(xv)); /* loaded once for both rows, not once for each */
-            for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wu[r], xv);
+            for (int r = 0; r < R; r++) acc[r][b] = dpbusd_avx512(acc[r][b], wu[r], xv);
         }
     }
     for (int r = 0; r < R; r++)
@@ -353,6 +392,53 @@ AVX512 INLINE void int8_block_avx512(const job_t *j, int64_t n, const int R, con
 AVX512 INLINE void int8_rows_avx512(const job_t *j, int64_t n, const int B) { int8_block_avx512(j, n, 1, B); }
 AVX512 INLINE void int8_pair_avx512(const job_t *j, int64_t n, const int B) { int8_block_avx512(j, n, 2, B); }
 DEFINE_PART(int8_part_avx512, int8_rows_avx512, int8_pair_avx512, AVX512)
+
+/* Activation rows b0 .. b0 + B - 1 against the PACK_ROWS rows of one packed block (two vectors of 16 rows),
+ * weights made unsigned as above. */
+AVX512 INLINE void int8_packed_block_avx512(const job_t *j, int64_t block, int64_t b0, const int B) {
+    const int64_t K = j->K;
+    const int8_t *w = (const int8_t *)j->w + block * PACK_ROWS * K, *xq = j->xq + b0 * K;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[2][PACKED_GROUP];
+    for (int b = 0; b < B; b++) acc[0][b] = acc[1][b] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 4) {
+        const int8_t *p = w + k * PACK_ROWS;
+        _mm_prefetch((const char *)(p + 16 * 4 * PACK_ROWS), _MM_HINT_T0); /* 16 steps ahead */
+        _mm_prefetch((const char *)(p + 16 * 4 * PACK_ROWS + 64), _MM_HINT_T0);
+        const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(p), flip);
+        const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(p + 64), flip);
+        for (int b = 0; b < B; b++) {
+            int32_t four;
+            memcpy(&four, xq + b * K + k, sizeof four);
+            const __m512i xv = _mm512_set1_epi32(four);
+            acc[0][b] = dpbusd_avx512(acc[0][b], w0, xv);
+            acc[1][b] = dpbusd_avx512(acc[1][b], w1, xv);
+        }
+    }
+    for (int b = 0; b < B; b++)
+        for (int half = 0; half < 2; half++) {
+            int32_t sums[16];
+            _mm512_storeu_si512(sums, acc[half][b]);
+            for (int i = 0; i < 16; i++)
+                store_int8(j, (int)b0 + b, block * PACK_ROWS + half * 16 + i, sums[i] - 128 * j->xsum[b0 + b]);
+        }
+}
+
+AVX512 static void int8_packed_part_avx512(const job_t *j, int64_t n0, int64_t n1) {
+    for (int64_t block = n0 / PACK_ROWS; block < n1 / PACK_ROWS; block++)
+        for (int64_t b0 = 0; b0 < j->B; b0 += PACKED_GROUP) {
+            switch (j->B - b0 < PACKED_GROUP ? j->B - b0 : PACKED_GROUP) {
+            case 1: int8_packed_block_avx512(j, block, b0, 1); break;
+            case 2: int8_packed_block_avx512(j, block, b0, 2); break;
+            case 3: int8_packed_block_avx512(j, block, b0, 3); break;
+            case 4: int8_packed_block_avx512(j, block, b0, 4); break;
+            case 5: int8_packed_block_avx512(j, block, b0, 5); break;
+            case 6: int8_packed_block_avx512(j, block, b0, 6); break;
+            case 7: int8_packed_block_avx512(j, block, b0, 7); break;
+            default: int8_packed_block_avx512(j, block, b0, 8); break;
+            }
+        }
+}
 
 #define DOT2_VNNI(lo, xlo, hi, xhi) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi)
 DEFINE_INT4_ROWS(int4_rows_avx512, AVX512, DOT2_VNNI)
@@ -377,7 +463,7 @@ AVX512BF16 INLINE void bf16_block_avx512(const job_t *j, int64_t n, const int R,
         for (int b = 0; b < B; b++) {
             __m512i xv = _mm512_loadu_si512(x + b * xs + k);
             if (R > 1) __asm__("" : "+v"(xv)); /* loaded once for both rows, not once for each */
-            for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wv[r], (__m512bh)xv);
+            for (int r = 0; r < R; r++) acc[r][b] = dpbf16_avx512(acc[r][b], wv[r], xv);
         }
     }
     for (int r = 0; r < R; r++)
@@ -458,6 +544,12 @@ int gemv_best_path(int kind) {
 }
 
 int gemv_supported(int path, int kind) { return kind >= 0 && kind <= KIND_BF16 && cpu_runs(path, kind); }
+
+/* Whether gemv_int8_packed runs on a path: the portable one, and AVX-512 with VNNI, where the packed layout
+ * pays (the AVX2 path keeps the stored layout). */
+int gemv_packs_int8(int path) {
+    return (path == PATH_PORTABLE || path == PATH_AVX512) && cpu_runs(path, KIND_INT8);
+}
 
 static part_fn part_for(int kind, int path) {
     static const part_fn portable[] = {int8_part_portable, int4_part_portable, bf16_part_portable};
@@ -750,6 +842,68 @@ int gemv_int8(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, cons
     job_t job = {.B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .w = w,
                  .scale = scale, .xq = xq, .xsum = xsum, .xscale = xscale, .out = out};
     run_parallel(part_for(KIND_INT8, path), &job, N, 8, threads);
+    pthread_mutex_unlock(&call_lock);
+    return OK;
+}
+
+/* int8 weights in the packed layout (see int8_packed_part_portable): N a multiple of PACK_ROWS, K of 4, and any
+ * number of activation rows B up to MAX_PACKED_ROWS. The portable and AVX-512 paths; the same numbers as
+ * gemv_int8 on the same weights. */
+int gemv_int8_packed(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, const void *x, int x_bf16,
+                     int64_t B, void *out, int threads, int path) {
+    if (path == PATH_AUTO) path = gemv_best_path(KIND_INT8);
+    if (N < PACK_ROWS || N % PACK_ROWS || K < 4 || K % 4 || K > MAX_K || B < 1 || B > MAX_PACKED_ROWS)
+        return ERR_ARGS;
+    if (!gemv_packs_int8(path)) return ERR_PATH;
+    pthread_mutex_lock(&call_lock);
+    char *mem = scratch_of(K * sizeof(float) + B * K + B * (sizeof(int32_t) + sizeof(float)));
+    if (!mem) {
+        pthread_mutex_unlock(&call_lock);
+        return ERR_MEMORY;
+    }
+    float *f = (float *)mem, *xscale = f + K;
+    int32_t *xsum = (int32_t *)(xscale + B);
+    int8_t *xq = (int8_t *)(xsum + B);
+    for (int64_t b = 0; b < B; b++) {
+        quantize_row(path, x, x_bf16, b, K, f, xq + b * K, xscale + b);
+        xsum[b] = 0; /* the AVX-512 path's correction term, over all K inputs */
+#if HAVE_X86
+        if (path == PATH_AVX512) {
+            const int64_t KV = K & ~(int64_t)63;
+            xsum[b] = int8_sum_avx512(xq + b * K, KV);
+            for (int64_t k = KV; k < K; k++) xsum[b] += xq[b * K + k];
+        }
+#endif
+    }
+    job_t job = {.B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .w = w,
+                 .scale = scale, .xq = xq, .xsum = xsum, .xscale = xscale, .out = out};
+#if HAVE_X86
+    part_fn part = path == PATH_AVX512 ? int8_packed_part_avx512 : int8_packed_part_portable;
+#else
+    part_fn part = int8_packed_part_portable;
+#endif
+    run_parallel(part, &job, N, PACK_ROWS, threads);
+    pthread_mutex_unlock(&call_lock);
+    return OK;
+}
+
+/* The packed layout from int8 [N, K] (N a multiple of PACK_ROWS, K of 4): out [N / PACK_ROWS][K / 4][PACK_ROWS][4],
+ * a transpose of 4-byte words within each block, the blocks split across the threads. */
+static void pack_part(const job_t *j, int64_t n0, int64_t n1) {
+    const int64_t words = j->K / 4;
+    for (int64_t block = n0 / PACK_ROWS; block < n1 / PACK_ROWS; block++) {
+        const uint32_t *from = (const uint32_t *)j->w + block * PACK_ROWS * words;
+        uint32_t *to = (uint32_t *)j->out + block * PACK_ROWS * words;
+        for (int64_t k = 0; k < words; k++)
+            for (int r = 0; r < PACK_ROWS; r++) to[k * PACK_ROWS + r] = from[r * words + k];
+    }
+}
+
+int gemv_pack_int8(const int8_t *w, int64_t N, int64_t K, int8_t *out, int threads) {
+    if (N < PACK_ROWS || N % PACK_ROWS || K < 4 || K % 4 || K > MAX_K) return ERR_ARGS;
+    pthread_mutex_lock(&call_lock);
+    job_t job = {.N = N, .K = K, .w = w, .out = out};
+    run_parallel(pack_part, &job, N, PACK_ROWS, threads);
     pthread_mutex_unlock(&call_lock);
     return OK;
 }

@@ -2,7 +2,9 @@
 
 int8 and int4 weights multiply activation rows quantized to int8 (one scale a row: the numbers
 `quant.int8_reference` computes with torch._int_mm), bf16 weights multiply bf16 rows; MAX_ROWS rows a call,
-more taken MAX_ROWS at a time. Each row's result is the same whatever rows come with it. The library is
+more taken MAX_ROWS at a time. On the AVX-512 path int8 weights are first packed into blocks of output rows
+(`pack_int8`), and one call then takes any number of rows (prefill chunks too) while reading the weights
+once. Each row's result is the same whatever rows come with it. The library is
 optional: `cpu_kernels()` is None without it (with one notice on stderr) or with RGCHAT_GEMV=torch, and
 quant.py then uses torch's products (int4 chooses its layout when its weights are readied).
 RGCHAT_GEMV=portable|avx2|avx512 forces one path of the kernels. "The same numbers" holds for finite
@@ -31,6 +33,8 @@ PATH_NAMES = {1: "portable C", 2: "AVX2", 3: "AVX-512", 4: "AVX-512 (float)"}
 KINDS = {"int8": 0, "int4": 1, "bf16": 2}
 MAX_ROWS = 8  # activation rows one call takes
 MAX_K = 65536  # input width up to which every integer sum is exact
+PACK_ROWS = 32  # output rows of one block of the packed int8 layout (`pack_int8`)
+MAX_PACKED_ROWS = 4096  # activation rows one packed int8 call takes
 _ERRORS = {1: "bad arguments", 2: "path not supported by this CPU", 3: "out of memory"}
 
 
@@ -43,6 +47,9 @@ def _load_library() -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
         "gemv_int8": [p, p, i64, i64, p, i32, i64, p, i32, i32],
+        "gemv_int8_packed": [p, p, i64, i64, p, i32, i64, p, i32, i32],
+        "gemv_packs_int8": [i32],
+        "gemv_pack_int8": [p, i64, i64, p, i32],
         "gemv_int4": [p, p, p, i64, i64, i64, p, i32, i64, p, i32, i32],
         "gemv_bf16": [p, i64, i64, i64, p, i64, p, i32, i32],
         "gemv_read": [p, i64, p, i32],
@@ -88,6 +95,9 @@ class CpuKernels:
         self.lib = lib
         self.paths = {kind: forced if forced is not None else lib.gemv_best_path(code)
                       for kind, code in KINDS.items() if forced is None or lib.gemv_supported(forced, code)}
+        # int8 runs from the packed layout on the AVX-512 path, where one activation load then serves 32
+        # output rows (kernels/gemv.c); elsewhere from the stored one
+        self.int8_packs = self.paths.get("int8") == PATHS["avx512"] and bool(lib.gemv_packs_int8(PATHS["avx512"]))
         self.owned_threads = 0  # while a step owns the cores (`owning_the_cores`): the products' threads
         self._owner = threading.Lock()  # one step owns the cores at a time; others run as they are
         self.openmp = _torch_openmp()  # torch's OpenMP runtime, or None: the library's own threads
@@ -122,7 +132,8 @@ class CpuKernels:
 
     def detail(self) -> str:
         """What runs, for `rgchat doctor`."""
-        kinds = ", ".join(f"{kind} {PATH_NAMES[path]}" for kind, path in self.paths.items())
+        packed = {"int8": " (packed weights)"} if self.int8_packs else {}
+        kinds = ", ".join(f"{kind} {PATH_NAMES[path]}{packed.get(kind, '')}" for kind, path in self.paths.items())
         pool = "torch's OpenMP" if self.openmp else "own pool"
         return f"C, {kinds}; {self.threads()} threads ({pool})"
 
@@ -153,6 +164,28 @@ class CpuKernels:
             _check(self.lib.gemv_int8(q.data_ptr(), scale.data_ptr(), n, k, xp, bf16, rows, outp, threads, path),
                    "int8")
         return self._rows(x, n, x.dtype, call)
+
+    def packs_int8(self, q: torch.Tensor) -> bool:
+        """Whether int8 weights q [N, K] run from the packed layout (`pack_int8`)."""
+        n, k = q.shape
+        return (self.int8_packs and q.device.type == "cpu" and q.dtype == torch.int8 and n % PACK_ROWS == 0 and n > 0
+                and k % 4 == 0 and 0 < k <= MAX_K)
+
+    def int8_packed(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+        """x [rows, K] (float32 or bfloat16) times the int8 weights `pack_int8` made, any number of rows: the
+        numbers `int8` gives on the unpacked weights. None for other activations."""
+        n, k = packed.shape
+        if (not self._takes("int8", x, k) or x.dtype not in (torch.float32, torch.bfloat16)
+                or scale.shape != (n,) or scale.dtype != torch.bfloat16 or not scale.is_contiguous()):
+            return None
+        x = x if x.is_contiguous() else x.contiguous()
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
+        for i in range(0, x.shape[0], MAX_PACKED_ROWS):
+            rows = min(MAX_PACKED_ROWS, x.shape[0] - i)
+            _check(self.lib.gemv_int8_packed(packed.data_ptr(), scale.data_ptr(), n, k, x[i].data_ptr(),
+                                             int(x.dtype == torch.bfloat16), rows, out[i].data_ptr(),
+                                             self.threads(), self.paths["int8"]), "int8")
+        return out
 
     def takes_int4(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> bool:
         """Whether the int4 kernel reads these weights as they are stored (uint8 packed [N, K/2], bfloat16
@@ -199,6 +232,44 @@ class CpuKernels:
         _check(self.lib.gemv_read(buf.data_ptr(), buf.numel() * buf.element_size() // 64, ctypes.byref(checksum),
                                   self.threads()), "read")
         return checksum.value
+
+
+def _blocks(q: torch.Tensor) -> torch.Tensor:
+    """The packed layout's view of int8 [N, K] as [N / PACK_ROWS, PACK_ROWS, K / 4, 4]."""
+    n, k = q.shape
+    return q.view(n // PACK_ROWS, PACK_ROWS, k // 4, 4)
+
+
+def pack_int8(*parts: torch.Tensor) -> torch.Tensor:
+    """int8 weights [N, K] in the layout `CpuKernels.int8_packed` reads (N a multiple of PACK_ROWS, K of 4):
+    blocks of PACK_ROWS rows, in each block four inputs of every row, then the next four. Same shape. Given
+    several matrices (each of whole blocks), the packed form of their rows joined, built without joining
+    them first. The native library packs on the products' threads; torch where it is absent."""
+    k = parts[0].shape[1]
+    packed = torch.empty(sum(q.shape[0] for q in parts), k, dtype=torch.int8)
+    kernels, row = cpu_kernels(), 0
+    for q in parts:
+        out = packed[row:row + q.shape[0]]  # whole blocks: a contiguous slice
+        if kernels and q.is_contiguous() and q.device.type == "cpu":
+            _check(kernels.lib.gemv_pack_int8(q.data_ptr(), q.shape[0], k, out.data_ptr(), kernels.threads()),
+                   "int8 packing")
+        else:
+            _blocks(out).view(q.shape[0] // PACK_ROWS, k // 4, PACK_ROWS, 4).copy_(_blocks(q).transpose(1, 2))
+        row += q.shape[0]
+    return packed
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """The [N, K] matrix that `pack_int8` packed."""
+    n, k = packed.shape
+    return packed.view(n // PACK_ROWS, k // 4, PACK_ROWS, 4).transpose(1, 2).reshape(n, k)
+
+
+def packed_int8_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the original [N, K] matrix read back from its packed form (the embedding's token lookups)."""
+    n, k = packed.shape
+    blocks = packed.view(n // PACK_ROWS, k // 4, PACK_ROWS, 4)
+    return blocks[rows // PACK_ROWS, :, rows % PACK_ROWS, :].reshape(*rows.shape, k)
 
 
 @functools.cache

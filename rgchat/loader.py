@@ -19,7 +19,7 @@ from rgchat import hub, modelfile
 from rgchat.checkpoint import Checkpoint, convert
 from rgchat.errors import RGChatError
 from rgchat.model import Griffin, ready_for_device_
-from rgchat.quant import (DEFAULT_PRECISION, check_precision, dtype_of, int4_runs_native, packed_tensors,
+from rgchat.quant import (DEFAULT_PRECISION, check_precision, dtype_of, int4_runs_native, packed_tensors, runs_from_copies,
                           swap_modules_)
 from rgchat.store import TOKENIZER_FILE, entry_for, entry_path, model_file, source_name, store_dir
 from rgchat.tokenizer import Tokenizer
@@ -144,7 +144,7 @@ def load_file(path: str | Path, device: str = "cpu") -> tuple[Griffin, modelfile
     ready_for_device_(model, packed)
     if repacks and packed is None:
         _write_pack_cache(cache, mf, model)
-    if (device != "cpu" or repacks) and hasattr(mf.buffer, "madvise"):
+    if (device != "cpu" or repacks or runs_from_copies(model)) and hasattr(mf.buffer, "madvise"):
         # The weights now live in copies (on the device, or repacked), so the file's pages may go; the few
         # rows still read from it (int4 embedding lookups) fault back in from the page cache.
         mf.buffer.madvise(mmap.MADV_DONTNEED)

@@ -22,8 +22,8 @@ from torch import nn
 
 from rgchat.config import RECURRENT, GriffinConfig
 from rgchat import gemv
-from rgchat.quant import (Embedding, Linear, cpu_has_bf16, fuse_linears, native_takes, one_sequence, prepare_model_,
-                          row_by_row)
+from rgchat.quant import (Embedding, Linear, cpu_has_bf16, fuse_linears, native_takes, one_sequence, packs_int8,
+                          prepare_model_, row_by_row)
 from rgchat.scan import rglru
 from rgchat.step_ops import DTYPES, StepOps, step_ops
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
@@ -560,8 +560,9 @@ def fuse_projections_(model: Griffin) -> Griffin:
     """Join the projections that share an input into one matrix each (their separate copies are freed).
 
     On CUDA a decode step then launches a third fewer matrix-vector products, each longer and so nearer the
-    memory bandwidth. Loaders call it off the CPU only (`ready_for_device_`): there the weights are pages of
-    the mmap'd model file, and a joined copy would double the resident memory of those matrices."""
+    memory bandwidth. On the CPU loaders call it only where int8 weights are packed (`ready_for_device_`):
+    elsewhere the weights are pages of the mmap'd model file, and a joined copy would double the resident
+    memory of those matrices."""
     for module in model.modules():
         for fused_name, names in FUSED_PROJECTIONS.get(type(module), {}).items():
             fused = fuse_linears([getattr(module, name) for name in names])
@@ -575,6 +576,8 @@ def fuse_projections_(model: Griffin) -> Griffin:
 def ready_for_device_(model: Griffin, packed: dict[str, torch.Tensor] | None = None) -> Griffin:
     """The last loading step, shared by model files and the bench's random models: quantized weights readied
     for their device (`prepare_model_`, with int4's cached CPU packing if given), and off the CPU the
-    projections joined (`fuse_projections_`)."""
-    prepare_model_(model, packed)
-    return fuse_projections_(model) if model.device.type != "cpu" else model
+    projections joined (`fuse_projections_`), and on the CPU too where int8 weights are packed into copies
+    (joining them then costs no memory: they are packed straight into the joined matrices)."""
+    if model.device.type != "cpu" or packs_int8(model):
+        fuse_projections_(model)
+    return prepare_model_(model, packed)

@@ -223,31 +223,56 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return out.reshape(*x.shape[:-1], q.shape[0])
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+class _Int8Weight(nn.Module):
+    """int8 storage: weight [out, in] with one bfloat16 scale per output row. `prepare()` moves the weight,
+    on a CPU whose native int8 product is faster from it, into the packed layout (`gemv.pack_int8`); the
+    stored copy is then dropped, and every product of any number of rows reads the packed one."""
+
+    def __init__(self, out_features: int, in_features: int, device=None):
         super().__init__()
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.packed: torch.Tensor | None = None
+
+    def prepare(self) -> None:
+        kernels = gemv.cpu_kernels() if self.weight.device.type == "cpu" else None
+        if self.packed is None and kernels and kernels.packs_int8(self.weight):
+            self.packed = gemv.pack_int8(self.weight)
+            # no longer read: free it (for a model file, the file's pages)
+            self.weight = torch.empty(0, self.weight.shape[1], dtype=torch.int8)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return int8_matmul(x, self.weight, self.scale)
+        rows = x.reshape(-1, x.shape[-1])
+        out = kernels.int8_packed(rows, self.packed, self.scale) if (kernels := gemv.cpu_kernels()) else None
+        if out is None:  # the native products turned off since: torch's integer product, the same numbers
+            out = int8_reference(rows, gemv.unpack_int8(self.packed), self.scale).to(x.dtype)
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class Int8Linear(_Int8Weight):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__(out_features, in_features, device)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(x, self.weight, self.scale)
+        out = self.matmul(x)
         return out + self.bias if self.bias is not None else out
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(_Int8Weight):
     def __init__(self, vocab_size: int, width: int, dtype: torch.dtype, device=None):
-        super().__init__()
+        super().__init__(vocab_size, width, device)
         self.dtype = dtype
-        self.register_buffer("weight", torch.empty(vocab_size, width, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(vocab_size, dtype=torch.bfloat16, device=device))
 
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         # only the rows asked for are read and dequantized
-        return self.weight[tokens].to(self.dtype) * self.scale[tokens, None].to(self.dtype)
+        rows = self.weight[tokens] if self.packed is None else gemv.packed_int8_rows(self.packed, tokens)
+        return rows.to(self.dtype) * self.scale[tokens, None].to(self.dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight, self.scale)
+        return self.matmul(x)
 
 
 # --- int4: asymmetric, groups of INT4_GROUP inputs, two values per byte --------------------------------
@@ -409,18 +434,32 @@ def swap_modules_(model: nn.Module, precision: str) -> nn.Module:
 def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     """One module computing several projections of the same input at once (outputs concatenated): one long
     matrix read and one launch instead of several short ones. None for formats whose layout does not
-    concatenate by rows (int4's packed runtime forms)."""
+    concatenate by rows (int4's packed runtime forms). int8 weights that the CPU kernel packs are packed
+    straight into the joined matrix; weights packed already are unpacked, joined and packed again."""
     kind = type(linears[0])
     if kind not in (Linear, Int8Linear) or any(type(m) is not kind or (m.bias is None) != (linears[0].bias is None)
                                                 for m in linears):
         return None
     parts = [m.state_dict() for m in linears]
-    tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-    in_features, out_features = linears[0].weight.shape[1], tensors["weight"].shape[0]
+    was_packed = [getattr(m, "packed", None) is not None for m in linears]
+    weights = [gemv.unpack_int8(m.packed) if packed else part.pop("weight")
+               for m, part, packed in zip(linears, parts, was_packed, strict=True)]
+    for part in parts:
+        part.pop("weight", None)
+    tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}  # scales, biases
+    in_features, out_features = weights[0].shape[1], sum(w.shape[0] for w in weights)
+    kernels = gemv.cpu_kernels() if kind is Int8Linear and weights[0].device.type == "cpu" else None
+    packs = bool(kernels) and all(kernels.packs_int8(w) for w in weights)
+    tensors["weight"] = (torch.empty(out_features, in_features, dtype=torch.int8, device="meta") if packs
+                         else torch.cat(weights))
     bias = tensors.get("bias")
     dtype = bias.dtype if bias is not None else linears[0].weight.dtype
     fused = kind(in_features, out_features, bias is not None, dtype, "meta")
     fused.load_state_dict(tensors, assign=True, strict=True)
+    if packs:
+        fused.packed, fused.weight = gemv.pack_int8(*weights), torch.empty(0, in_features, dtype=torch.int8)
+    elif any(was_packed):
+        fused.prepare()
     return fused
 
 
@@ -449,19 +488,36 @@ def runtime_tensors(model: nn.Module) -> list[torch.Tensor]:
         if isinstance(module, _Int4Weight) and module.runtime:
             tensors += [t for t in module.runtime if isinstance(t, torch.Tensor)]
             skip |= {id(module.weight), id(module.scale), id(module.zero)}
+        elif isinstance(module, _Int8Weight) and module.packed is not None:
+            tensors.append(module.packed)
     return tensors + [t for t in model.state_dict(keep_vars=True).values() if id(t) not in skip]
 
 
 def prepare_model_(model: nn.Module, packed: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Ready quantized weights for their device once loaded: int4 repacks for torch's CPU kernel, or takes
-    the packed tensors from `packed` (what `packed_tensors` returned for the same weights earlier)."""
+    """Ready quantized weights for their device once loaded: int8 packs for the native CPU kernel where it
+    reads that layout; int4 repacks for torch's CPU kernel, or takes the packed tensors from `packed` (what
+    `packed_tensors` returned for the same weights earlier)."""
     for name, module in model.named_modules():
         if isinstance(module, _Int4Weight):
             if packed is not None and f"{name}.packed" in packed:
                 module.use_packed(packed[f"{name}.packed"], packed[f"{name}.scales_and_zeros"])
             else:
                 module.prepare()
+        elif isinstance(module, _Int8Weight):
+            module.prepare()
     return model
+
+
+def packs_int8(model: nn.Module) -> bool:
+    """Whether `prepare_model_` will pack int8 weights of this model for the native CPU kernel."""
+    kernels = gemv.cpu_kernels()
+    return bool(kernels) and any(isinstance(m, _Int8Weight) and m.packed is None and kernels.packs_int8(m.weight)
+                                 for m in model.modules())
+
+
+def runs_from_copies(model: nn.Module) -> bool:
+    """Whether `prepare_model_` moved any int8 weights into packed copies (what was loaded is no longer read)."""
+    return any(isinstance(m, _Int8Weight) and m.packed is not None for m in model.modules())
 
 
 def int4_runs_native() -> bool:

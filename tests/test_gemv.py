@@ -14,7 +14,7 @@ from conftest import BLOCKS, greedy_tokens, tiny_model
 from rgchat import gemv, quant
 from rgchat.cli import app
 from rgchat.errors import RGChatError
-from rgchat.model import RGLRU
+from rgchat.model import RGLRU, ready_for_device_
 
 # odd sizes and sizes that are not multiples of any vector width, beside the 2B model's width
 SHAPES = [(1, 1), (7, 31), (33, 100), (64, 256), (9, 130), (17, 2560), (40, 3000)]
@@ -95,6 +95,90 @@ def test_int8_is_exact_on_every_path(path, threads):
                     got = kernels.int8(x, q, scale)
                     assert got.dtype == dtype and torch.equal(got, want), (path, n, k, rows, dtype, t)
         assert torch.equal(quant.int8_reference(x, q, scale).to(x.dtype), want)  # torch's path: same numbers
+
+
+PACKED_SHAPES = [(32, 4), (64, 100), (96, 2560), (32, 3000), (160, 7680)]  # N: blocks of 32; K: groups of 4
+PACKED_ROWS = [1, 2, 5, 8, 9, 17, 40]  # more than 8: taken 8 at a time within each block
+
+
+@pytest.mark.parametrize("path", ["portable", "avx512"])
+def test_packed_int8_is_exact(path, threads):
+    kernels = kernels_on(path, "int8")
+    for i, (n, k) in enumerate(PACKED_SHAPES):
+        q, scale = int8_weights(n, k, seed=50 + i)
+        packed = gemv.pack_int8(q)
+        for rows in PACKED_ROWS:
+            for dtype in (torch.float32, torch.bfloat16):
+                x = randn(rows, k, seed=200 * i + rows, scale=3.0).to(dtype)
+                want = int8_expected(x, q, scale)
+                for t in threads[:2]:
+                    torch.set_num_threads(t)
+                    got = kernels.int8_packed(x, packed, scale)
+                    assert got.dtype == dtype and torch.equal(got, want), (path, n, k, rows, dtype, t)
+
+
+def test_packing_int8_keeps_every_value_and_row():
+    q, _ = int8_weights(96, 36, seed=7)
+    packed = gemv.pack_int8(q)
+    assert packed.shape == q.shape and not torch.equal(packed, q)
+    assert torch.equal(gemv.unpack_int8(packed), q)
+    # a block holds four inputs of each of its 32 rows, then the next four
+    assert packed[0, :8].tolist() == [*q[0, :4].tolist(), *q[1, :4].tolist()]
+    assert packed[32, 4:8].tolist() == q[33, :4].tolist()
+    rows = torch.tensor([[0, 95], [33, 31]])
+    assert torch.equal(gemv.packed_int8_rows(packed, rows), q[rows])
+    assert torch.equal(gemv.packed_int8_rows(packed, torch.tensor(40)), q[40])
+
+
+def test_packed_int8_refuses_shapes_it_does_not_take():
+    kernels = kernels_on("portable", "int8")
+    q, scale = int8_weights(40, 64, seed=8)  # 40 rows: not whole blocks
+    assert not kernels_on("native").packs_int8(q)
+    with pytest.raises(RuntimeError, match="bad arguments"):
+        kernels.int8_packed(randn(1, 64, seed=9), q, scale)
+    assert kernels.int8_packed(randn(1, 64, seed=9, scale=1.0).to(torch.float16), q, scale) is None
+
+
+def packing_kernels() -> gemv.CpuKernels:
+    kernels = kernels_on("native")
+    q, _ = int8_weights(32, 64, seed=1)
+    if not kernels.packs_int8(q):
+        pytest.skip("int8 runs from the stored layout on this CPU (no AVX-512 VNNI)")
+    return kernels
+
+
+def test_an_int8_model_runs_from_packed_weights_as_from_the_stored_ones(monkeypatch):
+    """Where the kernel packs, int8 modules of whole blocks drop their stored weights and read packed
+    copies: the same greedy tokens (a prompt short enough for the stored layout's integer path), and a row
+    of a prefill chunk gets the same logits as alone."""
+    packing_kernels()
+    packed = quant.quantize_model(tiny_model(BLOCKS, seed=24), "int8")
+    modules = [m for m in packed.modules() if isinstance(m, quant._Int8Weight)]
+    assert any(m.packed is not None and m.weight.numel() == 0 for m in modules)
+    assert isinstance(packed.embed_tokens, quant.Int8Embedding) and packed.embed_tokens.packed is not None
+    monkeypatch.setattr(gemv.CpuKernels, "packs_int8", lambda *args: False)
+    stored = quant.quantize_model(tiny_model(BLOCKS, seed=24), "int8")
+    assert all(m.packed is None for m in stored.modules() if isinstance(m, quant._Int8Weight))
+    monkeypatch.undo()
+    tokens = greedy_tokens(packed, PROMPT[:60], 30)
+    assert tokens == greedy_tokens(stored, PROMPT[:60], 30) and len(set(tokens)) > 5
+    layer = packed.layers[0].mlp_block.down_proj
+    x = randn(1, 100, layer.packed.shape[1], seed=4).bfloat16()
+    assert torch.equal(layer(x)[0, 37], layer(x[:, 37:38])[0, 0])
+
+
+def test_packed_int8_projections_are_joined_on_the_cpu(monkeypatch):
+    """Readied for the CPU, int8 weights that pack are joined (packed straight into the joined matrices)."""
+    packing_kernels()
+    model = quant.quantize_model(tiny_model(BLOCKS, seed=25), "int8")
+    want = greedy_tokens(model, PROMPT[:60], 20)
+    with monkeypatch.context() as m:
+        m.setattr(gemv.CpuKernels, "packs_int8", lambda *args: False)
+        stored = quant.quantize_model(tiny_model(BLOCKS, seed=25), "int8")
+    ready = ready_for_device_(stored)
+    mlp = ready.layers[0].mlp_block
+    assert mlp.gate_proj is None and mlp.gate_up_proj.packed is not None and mlp.gate_up_proj.weight.numel() == 0
+    assert greedy_tokens(ready, PROMPT[:60], 20) == want
 
 
 def int4_expected(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -69,17 +69,21 @@ def kernel_table(rows: tuple[int, ...] = (1, 8), formats: tuple[str, ...] = FORM
             flat = [torch.ones(nbytes, dtype=torch.uint8) for _ in copies]  # the same bytes, as one buffer each
             read = nbytes / _seconds_per_call(kernels.read, flat) / 1e9
             del flat
+            packs = fmt == "int8" and kernels.packs_int8(first[0])  # the layout int8 models run from here
+            native_copies = [(gemv.pack_int8(q), scale) for q, scale in copies] if packs else copies
+            product = kernels.int8_packed if packs else products[fmt]
             for r in rows:
                 x = torch.randn(r, k, generator=gen).to(torch.bfloat16)
-                native = nbytes / _seconds_per_call(lambda w: products[fmt](x, *w), copies) / 1e9
+                native = nbytes / _seconds_per_call(lambda w: product(x, *w), native_copies) / 1e9
                 baseline = _torch_product(fmt)
                 torch_gb_s = nbytes / _seconds_per_call(lambda w: baseline(x, w), copies) / 1e9 if baseline else None
                 results.append({
-                    "shape": f"{n}x{k}", "format": fmt, "rows": r, "path": gemv.PATH_NAMES[kernels.paths[fmt]],
+                    "shape": f"{n}x{k}", "format": fmt, "rows": r,
+                    "path": gemv.PATH_NAMES[kernels.paths[fmt]] + (" (packed)" if packs else ""),
                     "threads": kernels.threads(), "weight_mb": round(nbytes / 1e6, 1),
                     "native_gb_s": round(native, 2), "read_gb_s": round(read, 2),
                     "fraction_of_read": round(native / read, 3),
                     "torch_gb_s": round(torch_gb_s, 2) if torch_gb_s else None,
                 })
-            del copies, first
+            del copies, native_copies, first
     return results
