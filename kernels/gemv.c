@@ -121,7 +121,8 @@ static void int8_part_portable(const job_t *j, int64_t n0, int64_t n1) {
 #define PACKED_GROUP 8
 
 static inline int8_t packed_weight(const job_t *j, int64_t n, int64_t k) {
-    return ((const int8_t *)j->w)[(n / PACK_ROWS) * PACK_ROWS * j->K + (k / 4) * (4 * PACK_ROWS) + (n % PACK_ROWS) * 4 + k % 4];
+    const int64_t block = n / PACK_ROWS * PACK_ROWS * j->K;
+    return ((const int8_t *)j->w)[block + k / 4 * (4 * PACK_ROWS) + n % PACK_ROWS * 4 + k % 4];
 }
 
 static void int8_packed_part_portable(const job_t *j, int64_t n0, int64_t n1) {
@@ -815,13 +816,11 @@ static int check(int64_t N, int64_t K, int64_t B, int path, int kind) {
     return OK;
 }
 
-/* Returns 0, or ERR_ARGS / ERR_PATH / ERR_MEMORY. x and out are [B, K] and [B, N], float32 (x_bf16 = 0) or
- * bfloat16 (x_bf16 = 1), the same for both. */
-int gemv_int8(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, const void *x, int x_bf16, int64_t B,
-              void *out, int threads, int path) {
-    if (path == PATH_AUTO) path = gemv_best_path(KIND_INT8);
-    int status = check(N, K, B, path, KIND_INT8);
-    if (status != OK) return status;
+/* Both int8 products: quantize the B activation rows, then run `part` over the N output rows in chunks of
+ * `align`. On the AVX-512 path xsum[b] (the correction term) sums xq over inputs 0 .. summed - 1: the inputs
+ * the kernel takes with the sign trick. */
+static int int8_product(part_fn part, int64_t align, int64_t summed, const int8_t *w, const uint16_t *scale,
+                        int64_t N, int64_t K, const void *x, int x_bf16, int64_t B, void *out, int threads, int path) {
     pthread_mutex_lock(&call_lock);
     char *mem = scratch_of(K * sizeof(float) + B * K + B * (sizeof(int32_t) + sizeof(float)));
     if (!mem) {
@@ -831,19 +830,33 @@ int gemv_int8(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, cons
     float *f = (float *)mem, *xscale = f + K;
     int32_t *xsum = (int32_t *)(xscale + B);
     int8_t *xq = (int8_t *)(xsum + B);
-    const int64_t KV = K & ~(int64_t)63;
+    const int64_t KV = summed & ~(int64_t)63;
     for (int64_t b = 0; b < B; b++) {
         quantize_row(path, x, x_bf16, b, K, f, xq + b * K, xscale + b);
-        xsum[b] = 0; /* the AVX-512 path's correction term */
+        xsum[b] = 0;
 #if HAVE_X86
-        if (path == PATH_AVX512) xsum[b] = int8_sum_avx512(xq + b * K, KV);
+        if (path == PATH_AVX512) {
+            xsum[b] = int8_sum_avx512(xq + b * K, KV);
+            for (int64_t k = KV; k < summed; k++) xsum[b] += xq[b * K + k];
+        }
 #endif
     }
     job_t job = {.B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .w = w,
                  .scale = scale, .xq = xq, .xsum = xsum, .xscale = xscale, .out = out};
-    run_parallel(part_for(KIND_INT8, path), &job, N, 8, threads);
+    run_parallel(part, &job, N, align, threads);
     pthread_mutex_unlock(&call_lock);
     return OK;
+}
+
+/* Returns 0, or ERR_ARGS / ERR_PATH / ERR_MEMORY. x and out are [B, K] and [B, N], float32 (x_bf16 = 0) or
+ * bfloat16 (x_bf16 = 1), the same for both. */
+int gemv_int8(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, const void *x, int x_bf16, int64_t B,
+              void *out, int threads, int path) {
+    if (path == PATH_AUTO) path = gemv_best_path(KIND_INT8);
+    int status = check(N, K, B, path, KIND_INT8);
+    if (status != OK) return status;
+    return int8_product(part_for(KIND_INT8, path), 8, K & ~(int64_t)63, w, scale, N, K, x, x_bf16, B, out, threads,
+                        path);
 }
 
 /* int8 weights in the packed layout (see int8_packed_part_portable): N a multiple of PACK_ROWS, K of 4, and any
@@ -855,47 +868,23 @@ int gemv_int8_packed(const int8_t *w, const uint16_t *scale, int64_t N, int64_t 
     if (N < PACK_ROWS || N % PACK_ROWS || K < 4 || K % 4 || K > MAX_K || B < 1 || B > MAX_PACKED_ROWS)
         return ERR_ARGS;
     if (!gemv_packs_int8(path)) return ERR_PATH;
-    pthread_mutex_lock(&call_lock);
-    char *mem = scratch_of(K * sizeof(float) + B * K + B * (sizeof(int32_t) + sizeof(float)));
-    if (!mem) {
-        pthread_mutex_unlock(&call_lock);
-        return ERR_MEMORY;
-    }
-    float *f = (float *)mem, *xscale = f + K;
-    int32_t *xsum = (int32_t *)(xscale + B);
-    int8_t *xq = (int8_t *)(xsum + B);
-    for (int64_t b = 0; b < B; b++) {
-        quantize_row(path, x, x_bf16, b, K, f, xq + b * K, xscale + b);
-        xsum[b] = 0; /* the AVX-512 path's correction term, over all K inputs */
-#if HAVE_X86
-        if (path == PATH_AVX512) {
-            const int64_t KV = K & ~(int64_t)63;
-            xsum[b] = int8_sum_avx512(xq + b * K, KV);
-            for (int64_t k = KV; k < K; k++) xsum[b] += xq[b * K + k];
-        }
-#endif
-    }
-    job_t job = {.B = (int)B, .out_bf16 = x_bf16, .N = N, .K = K, .w = w,
-                 .scale = scale, .xq = xq, .xsum = xsum, .xscale = xscale, .out = out};
 #if HAVE_X86
     part_fn part = path == PATH_AVX512 ? int8_packed_part_avx512 : int8_packed_part_portable;
 #else
     part_fn part = int8_packed_part_portable;
 #endif
-    run_parallel(part, &job, N, PACK_ROWS, threads);
-    pthread_mutex_unlock(&call_lock);
-    return OK;
+    return int8_product(part, PACK_ROWS, K, w, scale, N, K, x, x_bf16, B, out, threads, path);
 }
 
 /* The packed layout from int8 [N, K] (N a multiple of PACK_ROWS, K of 4): out [N / PACK_ROWS][K / 4][PACK_ROWS][4],
  * a transpose of 4-byte words within each block, the blocks split across the threads. */
 static void pack_part(const job_t *j, int64_t n0, int64_t n1) {
-    const int64_t words = j->K / 4;
+    const int64_t K = j->K;
     for (int64_t block = n0 / PACK_ROWS; block < n1 / PACK_ROWS; block++) {
-        const uint32_t *from = (const uint32_t *)j->w + block * PACK_ROWS * words;
-        uint32_t *to = (uint32_t *)j->out + block * PACK_ROWS * words;
-        for (int64_t k = 0; k < words; k++)
-            for (int r = 0; r < PACK_ROWS; r++) to[k * PACK_ROWS + r] = from[r * words + k];
+        const int8_t *from = (const int8_t *)j->w + block * PACK_ROWS * K;
+        int8_t *to = (int8_t *)j->out + block * PACK_ROWS * K;
+        for (int64_t k = 0; k < K; k += 4)
+            for (int r = 0; r < PACK_ROWS; r++) memcpy(to + k * PACK_ROWS + r * 4, from + r * K + k, 4);
     }
 }
 

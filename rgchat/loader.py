@@ -19,8 +19,8 @@ from rgchat import hub, modelfile
 from rgchat.checkpoint import Checkpoint, convert
 from rgchat.errors import RGChatError
 from rgchat.model import Griffin, ready_for_device_
-from rgchat.quant import (DEFAULT_PRECISION, check_precision, dtype_of, int4_runs_native, packed_tensors, runs_from_copies,
-                          swap_modules_)
+from rgchat.quant import (DEFAULT_PRECISION, check_precision, dtype_of, int4_runs_native, packed_tensors,
+                          runs_from_copies, swap_modules_)
 from rgchat.store import TOKENIZER_FILE, entry_for, entry_path, model_file, source_name, store_dir
 from rgchat.tokenizer import Tokenizer
 

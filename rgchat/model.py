@@ -22,8 +22,8 @@ from torch import nn
 
 from rgchat.config import RECURRENT, GriffinConfig
 from rgchat import gemv
-from rgchat.quant import (Embedding, Linear, cpu_has_bf16, fuse_linears, native_takes, one_sequence, packs_int8,
-                          prepare_model_, row_by_row)
+from rgchat.quant import (Embedding, Linear, cpu_has_bf16, fuse_linears, native_takes, one_sequence,
+                          packs_int8_weights, prepare_model_, row_by_row)
 from rgchat.scan import rglru
 from rgchat.step_ops import DTYPES, StepOps, step_ops
 from rgchat.state import AttentionLayerState, LayerState, RecurrentLayerState, State
@@ -578,6 +578,6 @@ def ready_for_device_(model: Griffin, packed: dict[str, torch.Tensor] | None = N
     for their device (`prepare_model_`, with int4's cached CPU packing if given), and off the CPU the
     projections joined (`fuse_projections_`), and on the CPU too where int8 weights are packed into copies
     (joining them then costs no memory: they are packed straight into the joined matrices)."""
-    if model.device.type != "cpu" or packs_int8(model):
+    if model.device.type != "cpu" or packs_int8_weights(model):
         fuse_projections_(model)
     return prepare_model_(model, packed)

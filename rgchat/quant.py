@@ -442,10 +442,10 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
         return None
     parts = [m.state_dict() for m in linears]
     was_packed = [getattr(m, "packed", None) is not None for m in linears]
-    weights = [gemv.unpack_int8(m.packed) if packed else part.pop("weight")
+    weights = [gemv.unpack_int8(m.packed) if packed else part["weight"]
                for m, part, packed in zip(linears, parts, was_packed, strict=True)]
     for part in parts:
-        part.pop("weight", None)
+        del part["weight"]
     tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}  # scales, biases
     in_features, out_features = weights[0].shape[1], sum(w.shape[0] for w in weights)
     kernels = gemv.cpu_kernels() if kind is Int8Linear and weights[0].device.type == "cpu" else None
@@ -508,7 +508,7 @@ def prepare_model_(model: nn.Module, packed: dict[str, torch.Tensor] | None = No
     return model
 
 
-def packs_int8(model: nn.Module) -> bool:
+def packs_int8_weights(model: nn.Module) -> bool:
     """Whether `prepare_model_` will pack int8 weights of this model for the native CPU kernel."""
     kernels = gemv.cpu_kernels()
     return bool(kernels) and any(isinstance(m, _Int8Weight) and m.packed is None and kernels.packs_int8(m.weight)
